@@ -1,0 +1,1 @@
+"""Tests of bgrid's storage against real LMDB environments in temporary directories."""

@@ -1,0 +1,209 @@
+"""Tests of ``LmdbEnvironment``: its lifecycle, group commits and error translation."""
+
+import os
+import threading
+
+import lmdb
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from bgrid.errors import ResourceExhaustedError, UnavailableError
+from bgrid.storage.environment import MAX_BATCH_OPERATIONS, LmdbEnvironment
+from tests.util import make_temp_dir
+
+DATABASE = b"test"
+
+
+class _CommitFailingTransaction:
+    """A top-level write transaction whose commit fails as if the map were full."""
+
+    def __init__(self, txn):
+        self._txn = txn
+
+    def __enter__(self):
+        return self._txn.__enter__()
+
+    def __exit__(self, *exc_info):
+        self._txn.abort()
+        raise lmdb.MapFullError("simulated failure of a group commit")
+
+
+class _FirstGroupCommitFails:
+    """An ``lmdb.Environment`` stand-in whose first top-level write transaction fails to
+    commit, for the retry path that a real map rarely reaches."""
+
+    def __init__(self, env):
+        self._env = env
+        self.failed_commits = 0
+
+    def begin(self, write=False, parent=None, **kwargs):
+        txn = self._env.begin(write=write, parent=parent, **kwargs)
+        if write and parent is None and self.failed_commits == 0:
+            self.failed_commits += 1
+            return _CommitFailingTransaction(txn)
+        return txn
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def _get(txn, db, key):
+    value = txn.get(key, db=db)
+    return bytes(value) if value is not None else None
+
+
+class LmdbEnvironmentTests(unittest.TestCase):
+    def setUp(self):
+        self.path = os.path.join(make_temp_dir(self), "lmdb")
+        self.environment = LmdbEnvironment(self.path, [DATABASE], map_size=64 << 20)
+
+    def start(self):
+        self.environment.start()
+        self.addCleanup(self.environment.stop)
+        self.db = self.environment.database(DATABASE)
+
+    def put_operation(self, key, value):
+        def put(txn):
+            txn.put(key, value, db=self.db)
+            return key
+
+        return put
+
+    async def get(self, key):
+        return await self.environment.read(_get, self.db, key)
+
+    def test_nothing_opened_before_start(self):
+        self.assertFalse(os.path.exists(self.path))
+
+        self.start()
+
+        self.assertTrue(os.path.exists(os.path.join(self.path, "data.mdb")))
+
+    def test_second_start_rejected(self):
+        self.start()
+
+        with self.assertRaises(RuntimeError):
+            self.environment.start()
+
+    async def test_write_then_read(self):
+        self.start()
+
+        self.assertEqual(await self.environment.write(self.put_operation(b"k", b"v")), b"k")
+
+        self.assertEqual(await self.get(b"k"), b"v")
+        self.assertIsNone(await self.get(b"absent"))
+
+    async def test_results_fire_on_reactor_thread(self):
+        self.start()
+        threads = []
+
+        def remember_thread(result):
+            threads.append(threading.current_thread())
+            return result
+
+        await self.environment.write(lambda txn: threading.current_thread()).addCallback(
+            remember_thread
+        )
+        await self.environment.read(lambda txn: None).addCallback(remember_thread)
+
+        self.assertEqual(threads, [threading.main_thread()] * 2)
+
+    async def test_failing_operation_rolls_back_alone(self):
+        self.start()
+
+        def put_then_fail(txn):
+            txn.put(b"b", b"2", db=self.db)
+            raise KeyError("operation failed on purpose")
+
+        results = self.environment.write_many(
+            [self.put_operation(b"a", b"1"), put_then_fail, self.put_operation(b"c", b"3")]
+        )
+
+        self.assertEqual(await results[0], b"a")
+        with self.assertRaises(KeyError):
+            await results[1]
+        self.assertEqual(await results[2], b"c")
+        self.assertEqual(await self.get(b"a"), b"1")
+        self.assertIsNone(await self.get(b"b"))
+        self.assertEqual(await self.get(b"c"), b"3")
+
+    async def test_queued_operations_share_a_transaction(self):
+        self.start()
+
+        def put_operation_returning_transaction_id(number):
+            def put(txn):
+                txn.put(b"%d" % number, b"v", db=self.db)
+                return txn.id()
+
+            return put
+
+        count = MAX_BATCH_OPERATIONS // 2
+        first = await defer.gatherResults(
+            self.environment.write_many(
+                [put_operation_returning_transaction_id(n) for n in range(count)]
+            )
+        )
+        second = await self.environment.write(put_operation_returning_transaction_id(count))
+
+        self.assertEqual(len(set(first)), 1)
+        self.assertNotEqual(second, first[0])
+
+    async def test_failed_group_commit_retries_each_write(self):
+        self.start()
+        failing_env = _FirstGroupCommitFails(self.environment._env)
+        self.environment._env = failing_env
+
+        results = await defer.gatherResults(
+            self.environment.write_many(
+                [self.put_operation(b"a", b"1"), self.put_operation(b"b", b"2")]
+            )
+        )
+
+        self.assertEqual(failing_env.failed_commits, 1)
+        self.assertEqual(results, [b"a", b"b"])
+        self.assertEqual(await self.get(b"a"), b"1")
+        self.assertEqual(await self.get(b"b"), b"2")
+
+    async def test_map_full_becomes_resource_exhausted(self):
+        self.environment = LmdbEnvironment(self.path, [DATABASE], map_size=256 * 1024)
+        self.start()
+
+        with self.assertRaises(ResourceExhaustedError) as caught:
+            await self.environment.write(self.put_operation(b"big", b"x" * (1 << 20)))
+
+        self.assertIn("262144 bytes", caught.exception.message)
+        self.assertIn("map_size", caught.exception.message)
+        await self.environment.write(self.put_operation(b"small", b"y"))
+        self.assertEqual(await self.get(b"small"), b"y")
+
+    async def test_stop_applies_queued_writes(self):
+        self.start()
+        writes = [self.environment.write(self.put_operation(b"%d" % i, b"v")) for i in range(50)]
+
+        await self.environment.stop()
+
+        results = await defer.gatherResults(writes)
+        self.assertEqual(len(results), 50)
+        reopened = LmdbEnvironment(self.path, [DATABASE])
+        reopened.start()
+        self.addCleanup(reopened.stop)
+        db = reopened.database(DATABASE)
+        self.assertEqual(await reopened.read(lambda txn: txn.stat(db)["entries"]), 50)
+
+    async def test_requests_after_stop_rejected(self):
+        self.start()
+        await self.environment.stop()
+
+        with self.assertRaises(UnavailableError):
+            await self.environment.write(lambda txn: None)
+        with self.assertRaises(UnavailableError):
+            await self.environment.read(lambda txn: None)
+
+    async def test_lmdb_errors_pass_through(self):
+        self.start()
+
+        def put_empty_key(txn):
+            txn.put(b"", b"value", db=self.db)
+
+        with self.assertRaises(lmdb.Error):
+            await self.environment.write(put_empty_key)
