@@ -1,0 +1,128 @@
+"""Event-driven subscriptions to operation changes, for Execute and WaitExecution streams."""
+
+from twisted.internet import defer
+
+
+class OperationWatch:
+    """A subscription to one operation, returned by ``Scheduler.watch_operation``.
+
+    Call ``next`` in a loop: the first call fires at once with the current Operation
+    message, and each later call fires when the stage changes or the operation completes.
+    Changes that happen between two calls are merged, so the watcher always gets the latest
+    state but may skip a stage it was too slow to see. Once the done operation was sent,
+    ``next`` fires with None. The messages are shared between watchers and must not be
+    modified.
+    """
+
+    def __init__(self, registry, operation):
+        self.operation_name = operation.name
+        self._registry = registry
+        self._latest = operation.to_message()
+        self._latest_key = (operation.stage, operation.done)
+        self._sent_key = None
+        self._pending = None
+        self._closed = False
+        self._error = None
+
+    def next(self):
+        """Return a Deferred firing with the next Operation message, or None at the end.
+
+        Raises RuntimeError when the Deferred of the previous call has not fired yet.
+        Cancelling the returned Deferred is allowed and leaves the watch usable.
+        """
+        if self._pending is not None:
+            raise RuntimeError(
+                f"watch of operation {self.operation_name}: next() called while the "
+                "previous call is still waiting"
+            )
+        if self._error is not None:
+            return defer.fail(self._error)
+        if self._closed or self._sent_done():
+            return defer.succeed(None)
+        if self._latest_key != self._sent_key:
+            return defer.succeed(self._take_latest())
+        self._pending = defer.Deferred(canceller=self._forget_pending)
+        return self._pending
+
+    def close(self):
+        """Stop watching, for a client that went away. Safe to call more than once."""
+        self._closed = True
+        self._registry.discard(self)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.callback(None)
+
+    def _sent_done(self):
+        return self._sent_key is not None and self._sent_key[1]
+
+    def _take_latest(self):
+        self._sent_key = self._latest_key
+        return self._latest
+
+    def _forget_pending(self, deferred):
+        if self._pending is deferred:
+            self._pending = None
+
+    def _update(self, message, key):
+        """Store the operation's new state and fire a waiting ``next`` call."""
+        self._latest = message
+        self._latest_key = key
+        pending = self._pending
+        if pending is not None and key != self._sent_key:
+            self._pending = None
+            pending.callback(self._take_latest())
+
+    def _fail(self, error):
+        """End the watch with ``error``, as when the scheduler stops."""
+        self._error = error
+        self._registry.discard(self)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.errback(error)
+
+
+class WatchRegistry:
+    """The open watches of each operation, which the scheduler notifies of changes."""
+
+    def __init__(self):
+        self._watches = {}
+
+    def add(self, operation):
+        """Return a new watch of an operation record.
+
+        A watch of a done operation is not registered, because it will not change again.
+        """
+        watch = OperationWatch(self, operation)
+        if not operation.done:
+            self._watches.setdefault(operation.name, set()).add(watch)
+        return watch
+
+    def discard(self, watch):
+        watches = self._watches.get(watch.operation_name)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[watch.operation_name]
+
+    def publish(self, operation):
+        """Send the new state of an operation record to its watches.
+
+        A done operation ends the registration, and each watch keeps its message until sent.
+        """
+        if operation.done:
+            watches = self._watches.pop(operation.name, set())
+        else:
+            watches = set(self._watches.get(operation.name, ()))
+        if not watches:
+            return
+        message = operation.to_message()
+        key = (operation.stage, operation.done)
+        for watch in watches:
+            watch._update(message, key)
+
+    def fail_all(self, error):
+        """End every open watch with ``error``."""
+        for watches in list(self._watches.values()):
+            for watch in list(watches):
+                watch._fail(error)
+        self._watches.clear()

@@ -1,0 +1,148 @@
+"""Builders of scheduler inputs and a test bot that drives the Bots API of a Scheduler."""
+
+import math
+
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, status_pb2
+from twisted.internet import task
+from twisted.logger import globalLogPublisher
+
+from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, worker_pb2
+from bgrid.digest import Digest
+from bgrid.scheduler import Scheduler
+
+
+def make_scheduler(test_case, **options):
+    """Return a Scheduler on a fresh ``task.Clock`` and the clock, and stop it at the end."""
+    clock = task.Clock()
+    scheduler = Scheduler(clock, **options)
+    test_case.addCleanup(scheduler.stop)
+    return scheduler, clock
+
+
+def make_action(label, platform=(), do_not_cache=False):
+    """Return ``(digest, action)`` for an Action that differs for each ``label``."""
+    action = re_pb2.Action(
+        command_digest=Digest.of(f"command {label}".encode()).to_proto(re_pb2.Digest),
+        input_root_digest=Digest.of(b"").to_proto(re_pb2.Digest),
+        do_not_cache=do_not_cache,
+    )
+    for name, value in platform:
+        action.platform.properties.add(name=name, value=value)
+    return Digest.of(action.SerializeToString()), action
+
+
+def submit(scheduler, label, instance_name="", **options):
+    """Submit the action of ``label`` and return the operation name."""
+    digest, action = make_action(label)
+    return scheduler.submit(instance_name, digest, action, **options)
+
+
+def make_bot_session(bot_id, properties=(), device_properties=()):
+    """Return a BotSession message for CreateBotSession."""
+    worker = worker_pb2.Worker(
+        properties=[worker_pb2.Worker.Property(key=k, value=v) for k, v in properties]
+    )
+    if device_properties:
+        worker.devices.add(
+            handle="device-0",
+            properties=[worker_pb2.Device.Property(key=k, value=v) for k, v in device_properties],
+        )
+    return bots_pb2.BotSession(bot_id=bot_id, status=bots_pb2.OK, worker=worker)
+
+
+def make_result(exit_code=0, stdout=b""):
+    return re_pb2.ActionResult(exit_code=exit_code, stdout_raw=stdout)
+
+
+def operation_response(operation):
+    """Return the ExecuteResponse packed in a done Operation message."""
+    response = re_pb2.ExecuteResponse()
+    assert operation.response.Unpack(response)
+    return response
+
+
+def operation_stage(operation):
+    metadata = re_pb2.ExecuteOperationMetadata()
+    assert operation.metadata.Unpack(metadata)
+    return metadata.stage
+
+
+def capture_logs(test_case):
+    """Return a list that receives every log event until the test ends."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    test_case.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+class BotClient:
+    """A bot that talks to a Scheduler through its Bots API, one session at a time.
+
+    ``session`` is the last BotSession message the scheduler returned, and ``leases`` the
+    bot's view of its leases, which it sends with each update.
+    """
+
+    def __init__(self, scheduler, bot_id, properties=(), parent="", device_properties=()):
+        self.scheduler = scheduler
+        self.bot_id = bot_id
+        self.session = scheduler.create_bot_session(
+            parent, make_bot_session(bot_id, properties, device_properties)
+        )
+        self.leases = list(self.session.leases)
+
+    @property
+    def name(self):
+        return self.session.name
+
+    @property
+    def lease(self):
+        """The lease of the last response, or None."""
+        return self.session.leases[0] if self.session.leases else None
+
+    def update(self, leases=None, deadline=None, wait=True):
+        """Send UpdateBotSession with ``leases`` (default: the bot's view) and return the
+        Deferred. The response becomes ``session`` and the bot's new view.
+
+        With ``wait=False`` the deadline is in the past, so the call returns at once.
+        """
+        if not wait:
+            deadline = -math.inf
+        request = bots_pb2.BotSession(name=self.name, bot_id=self.bot_id, status=bots_pb2.OK)
+        request.leases.extend(self.leases if leases is None else leases)
+        deferred = self.scheduler.update_bot_session(self.name, request, deadline)
+        deferred.addCallback(self._store)
+        return deferred
+
+    def _store(self, session):
+        self.session = session
+        self.leases = list(session.leases)
+        return session
+
+    def accept(self, wait=False):
+        """Report the current lease ACTIVE and return the Deferred of the update."""
+        lease = bots_pb2.Lease()
+        lease.CopyFrom(self.lease)
+        lease.state = bots_pb2.ACTIVE
+        lease.ClearField("payload")
+        return self.update([lease], wait=wait)
+
+    def complete(self, result=None, code=code_pb2.OK, lease_id=None, wait=False):
+        """Report a lease COMPLETED with ``result`` and return the Deferred of the update."""
+        lease = bots_pb2.Lease(
+            id=lease_id or self.lease.id,
+            state=bots_pb2.COMPLETED,
+            status=status_pb2.Status(code=code),
+        )
+        if result is not None:
+            packed = any_pb2.Any()
+            packed.Pack(result)
+            lease.result.CopyFrom(packed)
+        return self.update([lease], wait=wait)
+
+    def leased_action(self):
+        """Return the Action packed in the current lease's payload."""
+        action = re_pb2.Action()
+        assert self.lease.payload.Unpack(action)
+        return action
