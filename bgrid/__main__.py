@@ -1,0 +1,5 @@
+"""Run the ``bgrid`` command line as ``python -m bgrid``."""
+
+from bgrid.cli.main import main
+
+raise SystemExit(main())
