@@ -1,0 +1,1 @@
+"""End-to-end tests that drive Bazel against a real bgrid daemon and bots."""
