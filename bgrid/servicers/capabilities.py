@@ -46,9 +46,9 @@ def _build_capabilities(max_batch_total_size_bytes, max_cas_blob_size_bytes, exe
         digest_functions=[sha256],
         action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(update_enabled=True),
         max_batch_total_size_bytes=max_batch_total_size_bytes,
-        # NOTE: ALLOWED promises that the bot accepts input and output symlinks with
-        # absolute targets; change it here if the bot ever rejects them.
-        symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
+        # The bot rejects input symlinks with absolute targets, because they could point
+        # outside the exec root.
+        symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED,
         max_cas_blob_size_bytes=max_cas_blob_size_bytes,
         # No compressors (supported_compressors, supported_batch_update_compressors) and
         # no SplitBlob or SpliceBlob: the fields keep their empty defaults.

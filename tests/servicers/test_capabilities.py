@@ -19,7 +19,7 @@ class GetCapabilitiesTests(ServicerTestCase):
         self.assertTrue(cache.action_cache_update_capabilities.update_enabled)
         self.assertEqual(cache.max_batch_total_size_bytes, MAX_BATCH_TOTAL_SIZE_BYTES)
         self.assertEqual(
-            cache.symlink_absolute_path_strategy, re_pb2.SymlinkAbsolutePathStrategy.ALLOWED
+            cache.symlink_absolute_path_strategy, re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED
         )
         self.assertEqual(list(cache.supported_compressors), [])
         self.assertEqual(list(cache.supported_batch_update_compressors), [])
