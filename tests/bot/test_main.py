@@ -1,0 +1,164 @@
+"""Tests of the ``bgrid bot`` options and of the bot process as a whole."""
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import sys
+
+from twisted.trial import unittest
+
+from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2
+from bgrid.bot import main
+from bgrid.bot.bot import WorkDirectory
+from bgrid.bridge import as_deferred
+from tests.client.fakes import ScriptedBots, start_server
+from tests.util import async_test, make_temp_dir
+
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser(prog="bgrid bot")
+    main.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def parse_error(*argv):
+    """Parse ``argv`` expecting an error; return the exit code and what went to stderr."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            parse(*argv)
+        except SystemExit as exit:
+            return exit.code, stderr.getvalue()
+    raise AssertionError(f"{argv} parsed without error")
+
+
+class OptionTests(unittest.TestCase):
+    def test_defaults(self):
+        args = parse("--server", "localhost:8980")
+        self.assertEqual(args.server, "localhost:8980")
+        self.assertEqual(args.instance, "")
+        self.assertEqual(args.properties, [])
+        self.assertEqual(args.concurrency, os.cpu_count())
+        self.assertEqual(args.cache_size, 10 * 1024 ** 3)
+        self.assertTrue(args.name)
+
+    def test_all_options(self):
+        args = parse(
+            "--server", "unix:/run/bgrid.sock", "--instance", "main", "--property", "OSFamily=linux",
+            "--property", "pool=", "--work-dir", "/w", "--concurrency", "3", "--name", "b1",
+            "--cache-size", "512M",
+        )
+        self.assertEqual(args.properties, [("OSFamily", "linux"), ("pool", "")])
+        self.assertEqual(args.concurrency, 3)
+        self.assertEqual(args.cache_size, 512 * 1024 ** 2)
+        self.assertEqual((args.work_dir, args.name, args.instance), ("/w", "b1", "main"))
+
+    def test_size_suffixes(self):
+        for text, expected in [("1024", 1024), ("2k", 2048), ("3G", 3 * 1024 ** 3), ("1T", 1024 ** 4)]:
+            self.assertEqual(parse("--server", "h:1", "--cache-size", text).cache_size, expected)
+
+    def test_invalid_options_exit_2_with_one_message(self):
+        cases = [
+            ((), "--server"),
+            (("--server", "nohost"), "invalid server address 'nohost'"),
+            (("--server", "h:1", "--property", "novalue"), "invalid property 'novalue'"),
+            (("--server", "h:1", "--property", "=v"), "invalid property '=v'"),
+            (("--server", "h:1", "--concurrency", "0"), "invalid count '0'"),
+            (("--server", "h:1", "--concurrency", "many"), "invalid count 'many'"),
+            (("--server", "h:1", "--cache-size", "10X"), "invalid size '10X'"),
+            (("--server", "h:1", "--name", "two words"), "invalid bot name 'two words'"),
+        ]
+        for argv, expected in cases:
+            code, stderr = parse_error(*argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(expected, stderr)
+            self.assertNotIn("Traceback", stderr)
+
+
+class RunCheckTests(unittest.TestCase):
+    def test_busy_work_directory_exits_2(self):
+        work_dir = os.path.join(make_temp_dir(self), "work")
+        holder = WorkDirectory.open(work_dir)
+        self.addCleanup(holder.close)
+        stderr = io.StringIO()
+
+        with contextlib.redirect_stderr(stderr):
+            code = main.run(parse("--server", "127.0.0.1:1", "--work-dir", work_dir))
+
+        self.assertEqual(code, 2)
+        self.assertIn("is in use by another bot", stderr.getvalue())
+
+    def test_unusable_work_directory_exits_2(self):
+        blocker = os.path.join(make_temp_dir(self), "file")
+        with open(blocker, "w"):
+            pass
+        stderr = io.StringIO()
+
+        with contextlib.redirect_stderr(stderr):
+            code = main.run(parse("--server", "127.0.0.1:1", "--work-dir", os.path.join(blocker, "w")))
+
+        self.assertEqual(code, 2)
+        self.assertIn("cannot use work directory", stderr.getvalue())
+
+    def test_work_directory_layout(self):
+        work_dir = os.path.join(make_temp_dir(self), "work")
+        os.makedirs(os.path.join(work_dir, "build", "stale-exec-root", "x"))
+
+        directory = WorkDirectory.open(work_dir)
+        self.addCleanup(directory.close)
+
+        self.assertEqual(sorted(os.listdir(work_dir)), ["build", "cache", "lock"])
+        self.assertEqual(os.listdir(directory.build), [])
+
+
+class BotProcessTests(unittest.TestCase):
+    @async_test
+    async def test_sessions_per_slot_and_clean_stop(self):
+        bots = ScriptedBots()
+        address = await start_server(self, bots=bots)
+        work_dir = os.path.join(make_temp_dir(self), "work")
+        stderr_path = os.path.join(make_temp_dir(self), "bot.log")
+        with open(stderr_path, "wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bgrid.bot.main", "--server", address,
+                "--work-dir", work_dir, "--concurrency", "2", "--name", "proc",
+                "--property", "OSFamily=linux", "--instance", "",
+                stdin=asyncio.subprocess.DEVNULL, stderr=stderr,
+                env=dict(os.environ, PYTHONPATH=REPOSITORY_ROOT),
+            )
+
+        async def kill_if_running():
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+        self.addCleanup(lambda: as_deferred(kill_if_running()))
+
+        bot_ids = set()
+        for _ in range(2):
+            method, request, reply = await bots.next_call(timeout=30)
+            self.assertEqual(method, "CreateBotSession")
+            bot_ids.add(request.bot_session.bot_id)
+            self.assertEqual(
+                [(p.key, p.value) for p in request.bot_session.worker.properties],
+                [("OSFamily", "linux")],
+            )
+            reply.set_result(bots_pb2.BotSession(name=f"s/{request.bot_session.bot_id}"))
+        self.assertEqual(bot_ids, {"proc.0", "proc.1"})
+        for _ in range(2):
+            method, _, _ = await bots.next_call()
+            self.assertEqual(method, "UpdateBotSession")
+
+        process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.wait_for(process.wait(), 30)
+
+        with open(stderr_path) as log:
+            output = log.read()
+        self.assertEqual(exit_code, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertIn("bot proc stopped", output)

@@ -1,0 +1,307 @@
+"""Tests of the bot session loop against a Bots service whose responses the tests script."""
+
+import asyncio
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2
+from twisted.internet import task
+from twisted.trial import unittest
+
+from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc, worker_pb2
+from bgrid.bot.executor import LeaseOutcome
+from bgrid.bot.session import Backoff, SessionLoop
+from bgrid.bridge import as_deferred
+from bgrid.errors import make_status
+from tests.client.fakes import ScriptedBots, open_test_channel, start_server, wait_until
+from tests.util import async_test
+
+WORKER = worker_pb2.Worker(properties=[worker_pb2.Worker.Property(key="OSFamily", value="linux")])
+
+
+def payload_of(action):
+    packed = any_pb2.Any()
+    packed.Pack(action)
+    return packed
+
+
+class FakeExecutor:
+    """Stands in for ActionExecutor.execute; each lease ends when the test resolves it."""
+
+    def __init__(self):
+        self.started = asyncio.Queue()
+        self.outcomes = {}
+        self.cancelled = []
+
+    async def execute(self, payload, lease_id, bot_id):
+        outcome = asyncio.get_running_loop().create_future()
+        self.outcomes[lease_id] = outcome
+        await self.started.put((payload, lease_id, bot_id))
+        try:
+            return await outcome
+        except asyncio.CancelledError:
+            self.cancelled.append(lease_id)
+            raise
+
+    async def next_start(self):
+        return await asyncio.wait_for(self.started.get(), 10)
+
+
+class SessionLoopTestCase(unittest.TestCase):
+    async def start_loop(self, address=None, poll_timeout=30.0):
+        self.bots = ScriptedBots()
+        if address is None:
+            address = await start_server(self, bots=self.bots)
+        stub = bots_pb2_grpc.BotsStub(open_test_channel(self, address))
+        self.clock = task.Clock()
+        self.executor = FakeExecutor()
+        self.loop = SessionLoop(
+            stub, "bot.0", "main", WORKER, "bgrid-bot/test", self.executor.execute, self.clock,
+            backoff=Backoff(initial=1.0, maximum=4.0, random_fraction=lambda: 1.0),
+            poll_timeout=poll_timeout,
+        )
+        running = asyncio.ensure_future(self.loop.run())
+
+        async def stop():
+            running.cancel()
+            await asyncio.wait({running})
+
+        self.addCleanup(lambda: as_deferred(stop()))
+
+    async def expect(self, method):
+        called, request, reply = await self.bots.next_call()
+        self.assertEqual(called, method)
+        return request, reply
+
+    async def open_session(self, name="sessions/1"):
+        """Respond to the CreateBotSession call and return the first UpdateBotSession call."""
+        _, reply = await self.expect("CreateBotSession")
+        reply.set_result(bots_pb2.BotSession(name=name, bot_id="bot.0"))
+        return await self.expect("UpdateBotSession")
+
+    def assign(self, reply, lease_id, payload, state=bots_pb2.PENDING):
+        reply.set_result(
+            bots_pb2.BotSession(
+                name="sessions/1",
+                leases=[bots_pb2.Lease(id=lease_id, state=state, payload=payload)],
+            )
+        )
+
+
+class SessionCreationTests(SessionLoopTestCase):
+    @async_test
+    async def test_create_request_fields(self):
+        await self.start_loop()
+
+        request, reply = await self.expect("CreateBotSession")
+
+        self.assertEqual(request.parent, "main")
+        self.assertEqual(request.bot_session.bot_id, "bot.0")
+        self.assertEqual(request.bot_session.status, bots_pb2.OK)
+        self.assertEqual(request.bot_session.worker, WORKER)
+        self.assertEqual(request.bot_session.version, "bgrid-bot/test")
+        self.assertEqual(request.bot_session.name, "")
+
+        reply.set_result(bots_pb2.BotSession(name="sessions/1", bot_id="bot.0"))
+        update, _ = await self.expect("UpdateBotSession")
+        self.assertEqual(update.name, "sessions/1")
+        self.assertEqual(update.bot_session.name, "sessions/1")
+        self.assertEqual(len(update.bot_session.leases), 0)
+
+    @async_test
+    async def test_idle_poll_repeats_without_delay(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+
+        reply.set_result(bots_pb2.BotSession(name="sessions/1"))
+        await self.expect("UpdateBotSession")
+
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LeaseTests(SessionLoopTestCase):
+    @async_test
+    async def test_lease_accepted_run_and_reported(self):
+        await self.start_loop()
+        action = re_pb2.Action(do_not_cache=True)
+        _, reply = await self.open_session()
+
+        self.assign(reply, "lease-1", payload_of(action))
+
+        payload, lease_id, bot_id = await self.executor.next_start()
+        self.assertEqual((lease_id, bot_id), ("lease-1", "bot.0"))
+        unpacked = re_pb2.Action()
+        self.assertTrue(payload.Unpack(unpacked))
+        self.assertEqual(unpacked, action)
+        request, poll = await self.expect("UpdateBotSession")
+        (lease,) = request.bot_session.leases
+        self.assertEqual((lease.id, lease.state), ("lease-1", bots_pb2.ACTIVE))
+
+        # The action finishes while the long poll is open: the poll is cancelled and the
+        # result is reported at once.
+        result = re_pb2.ActionResult(exit_code=3)
+        self.executor.outcomes["lease-1"].set_result(LeaseOutcome(make_status(code_pb2.OK, ""), result))
+        request, reply = await self.expect("UpdateBotSession")
+        await wait_until(lambda: self.bots.cancelled_calls == 1)
+        self.assertTrue(poll.cancelled())
+        (lease,) = request.bot_session.leases
+        self.assertEqual(lease.state, bots_pb2.COMPLETED)
+        self.assertEqual(lease.status.code, code_pb2.OK)
+        reported = re_pb2.ActionResult()
+        self.assertTrue(lease.result.Unpack(reported))
+        self.assertEqual(reported, result)
+
+        # Once the report went through, the lease is gone from the bot's view.
+        reply.set_result(bots_pb2.BotSession(name="sessions/1"))
+        request, _ = await self.expect("UpdateBotSession")
+        self.assertEqual(len(request.bot_session.leases), 0)
+
+    @async_test
+    async def test_failed_status_reported(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        await self.expect("UpdateBotSession")
+
+        status = make_status(code_pb2.INVALID_ARGUMENT, "bad input tree")
+        self.executor.outcomes["lease-1"].set_result(LeaseOutcome(status, None))
+        request, _ = await self.expect("UpdateBotSession")
+
+        (lease,) = request.bot_session.leases
+        self.assertEqual(lease.state, bots_pb2.COMPLETED)
+        self.assertEqual(lease.status, status)
+        self.assertFalse(lease.HasField("result"))
+
+    @async_test
+    async def test_cancelled_lease_stops_action(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        _, poll = await self.expect("UpdateBotSession")
+
+        self.assign(poll, "lease-1", any_pb2.Any(), state=bots_pb2.CANCELLED)
+
+        request, _ = await self.expect("UpdateBotSession")
+        self.assertEqual(self.executor.cancelled, ["lease-1"])
+        self.assertEqual(len(request.bot_session.leases), 0)
+        self.assertIsNone(self.loop.lease)
+
+    @async_test
+    async def test_second_lease_ignored_while_busy(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        _, poll = await self.expect("UpdateBotSession")
+
+        poll.set_result(bots_pb2.BotSession(
+            name="sessions/1",
+            leases=[bots_pb2.Lease(id="lease-1", state=bots_pb2.ACTIVE),
+                    bots_pb2.Lease(id="lease-2", state=bots_pb2.PENDING)],
+        ))
+
+        request, _ = await self.expect("UpdateBotSession")
+        self.assertEqual([lease.id for lease in request.bot_session.leases], ["lease-1"])
+        self.assertEqual(list(self.executor.outcomes), ["lease-1"])
+
+    @async_test
+    async def test_completion_retried_after_failure(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        await self.expect("UpdateBotSession")
+        self.executor.outcomes["lease-1"].set_result(
+            LeaseOutcome(make_status(code_pb2.OK, ""), re_pb2.ActionResult())
+        )
+
+        _, reply = await self.expect("UpdateBotSession")
+        reply.set_result(grpc.StatusCode.UNAVAILABLE)
+        await wait_until(lambda: self.clock.getDelayedCalls())
+        self.clock.advance(1.0)
+
+        request, _ = await self.expect("UpdateBotSession")
+        (lease,) = request.bot_session.leases
+        self.assertEqual(lease.state, bots_pb2.COMPLETED)
+
+
+class RecoveryTests(SessionLoopTestCase):
+    @async_test
+    async def test_unknown_session_replaced(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        _, poll = await self.expect("UpdateBotSession")
+
+        poll.set_result(grpc.StatusCode.NOT_FOUND)
+
+        request, reply = await self.expect("CreateBotSession")
+        self.assertEqual(request.bot_session.bot_id, "bot.0")
+        self.assertEqual(self.executor.cancelled, ["lease-1"])
+        reply.set_result(bots_pb2.BotSession(name="sessions/2"))
+        request, _ = await self.expect("UpdateBotSession")
+        self.assertEqual(request.name, "sessions/2")
+        self.assertEqual(len(request.bot_session.leases), 0)
+
+    @async_test
+    async def test_backoff_doubles_up_to_cap(self):
+        await self.start_loop()
+        delays = []
+        for _ in range(5):
+            _, reply = await self.expect("CreateBotSession")
+            reply.set_result(grpc.StatusCode.UNAVAILABLE)
+            await wait_until(lambda: self.clock.getDelayedCalls())
+            (call,) = self.clock.getDelayedCalls()
+            delays.append(call.getTime() - self.clock.seconds())
+            self.clock.advance(delays[-1])
+
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 4.0, 4.0])
+
+        # A success resets the delay.
+        _, reply = await self.expect("CreateBotSession")
+        reply.set_result(bots_pb2.BotSession(name="sessions/1"))
+        _, reply = await self.expect("UpdateBotSession")
+        reply.set_result(grpc.StatusCode.UNAVAILABLE)
+        await wait_until(lambda: self.clock.getDelayedCalls())
+        (call,) = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime() - self.clock.seconds(), 1.0)
+
+    @async_test
+    async def test_unreachable_server_retried(self):
+        # Nothing listens on this address: find a free port, then close it.
+        probe = grpc.aio.server()
+        port = probe.add_insecure_port("127.0.0.1:0")
+        await probe.start()
+        await probe.stop(None)
+        await self.start_loop(address=f"127.0.0.1:{port}")
+
+        await wait_until(lambda: self.clock.getDelayedCalls())
+        self.clock.advance(1.0)
+        await wait_until(lambda: self.clock.getDelayedCalls()
+                         and self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds() == 2.0)
+        self.assertIsNone(self.loop.session_name)
+
+    @async_test
+    async def test_poll_deadline_is_not_a_failure(self):
+        await self.start_loop(poll_timeout=0.2)
+        await self.open_session()
+
+        # The scripted server never responds, so the call times out and the loop polls again.
+        await self.expect("UpdateBotSession")
+
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.loop.session_name, "sessions/1")
+
+
+class BackoffTests(unittest.TestCase):
+    def test_jitter_between_half_and_full(self):
+        low = Backoff(initial=2.0, maximum=8.0, random_fraction=lambda: 0.0)
+        self.assertEqual([low.next_delay() for _ in range(4)], [1.0, 2.0, 4.0, 4.0])
+        high = Backoff(initial=2.0, maximum=8.0, random_fraction=lambda: 1.0)
+        self.assertEqual([high.next_delay() for _ in range(4)], [2.0, 4.0, 8.0, 8.0])
+        high.reset()
+        self.assertEqual(high.next_delay(), 2.0)
