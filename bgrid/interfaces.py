@@ -13,7 +13,9 @@ class IBlobStore(Interface):
 
     The empty blob is always present, whether or not it was ever written. Data given to
     ``put``, ``put_many`` and writers is checked against its digest before it becomes
-    visible, and a blob is visible whole or not at all.
+    visible, and a blob is visible whole or not at all. A store may evict blobs to stay
+    within a size limit, except blobs pinned with ``pin``, so a blob found once may be
+    missing later.
     """
 
     def find_missing(digests):
@@ -43,8 +45,9 @@ class IBlobStore(Interface):
         """Store ``data`` under ``digest`` and return a Deferred firing with None.
 
         Fails with ``DigestMismatchError`` when ``data`` does not hash to ``digest`` and
-        with ``ResourceExhaustedError`` when the store cannot hold it. Storing a blob that
-        exists already succeeds.
+        with ``ResourceExhaustedError`` when the store cannot hold it: the blob is larger
+        than the store's size limit, or pinned blobs fill it. Storing a blob that exists
+        already succeeds.
         """
 
     def put_many(blobs):
@@ -69,6 +72,21 @@ class IBlobStore(Interface):
 
         Nothing becomes visible until ``commit`` succeeds.
         """
+
+    def pin(digests):
+        """Protect the blobs of ``digests`` from eviction until ``unpin``.
+
+        Returns a Deferred firing with an opaque token once no eviction that started
+        before the call can still delete a pinned blob, so a ``find_missing`` made after
+        it shows which of them stay stored. Pins are counted per blob: a blob pinned
+        through two tokens stays protected until both are released. Pins live in memory
+        and end with the process. Digests of blobs not stored yet may be pinned. A store
+        that never evicts may fire at once. Fails with ``UnavailableError`` when the
+        store is stopping, and then no pin remains.
+        """
+
+    def unpin(token):
+        """Release the pins of ``token``, returned by ``pin``. A second call has no effect."""
 
 
 class IBlobReader(Interface):

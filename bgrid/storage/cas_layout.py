@@ -1,7 +1,7 @@
 """The layout of the content-addressable store in LMDB, as functions that run inside a
 transaction.
 
-Four named databases hold the store:
+Five named databases hold the store:
 
 - ``cas-index`` maps the 32 raw SHA-256 bytes of a blob to its packed ``IndexRecord``.
   A blob is visible exactly when its index record exists.
@@ -11,6 +11,10 @@ Four named databases hold the store:
 - ``cas-pending`` maps the blob id of each streamed upload in progress to its start time,
   so that chunks left behind by a crash can be found and deleted.
 - ``cas-meta`` contains counters: the next blob id and the total size of stored blobs.
+- ``cas-lru`` has one empty-valued key per index record: the record's ``accessed_at``
+  (8 bytes, big-endian) followed by the raw hash, so a cursor walks blobs from the least
+  recently used. Every function here that writes an index record or its access time
+  keeps this key in step within the same transaction.
 
 The index record of a blob is written in the same transaction as its last chunk or after
 it, so a crash never exposes a partial blob.
@@ -25,7 +29,14 @@ INDEX_DATABASE = b"cas-index"
 CHUNKS_DATABASE = b"cas-chunks"
 PENDING_DATABASE = b"cas-pending"
 META_DATABASE = b"cas-meta"
-DATABASE_NAMES = (INDEX_DATABASE, CHUNKS_DATABASE, PENDING_DATABASE, META_DATABASE)
+LRU_DATABASE = b"cas-lru"
+DATABASE_NAMES = (
+    INDEX_DATABASE,
+    CHUNKS_DATABASE,
+    PENDING_DATABASE,
+    META_DATABASE,
+    LRU_DATABASE,
+)
 
 _NEXT_BLOB_ID_KEY = b"next-blob-id"
 _STORED_BYTES_KEY = b"stored-bytes"
@@ -58,17 +69,32 @@ class IndexRecord(NamedTuple):
 
 
 class CasDatabases(NamedTuple):
-    """The handles of the four named databases of the store."""
+    """The handles of the five named databases of the store."""
 
     index: object
     chunks: object
     pending: object
     meta: object
+    lru: object
 
     @classmethod
     def of(cls, environment):
         """Return the handles opened by a started ``LmdbEnvironment``."""
         return cls(*(environment.database(name) for name in DATABASE_NAMES))
+
+
+class Eviction(NamedTuple):
+    """The blobs and bytes that one ``evict_lru`` call deleted, and the stored total
+    after it."""
+
+    blobs: int
+    freed_bytes: int
+    stored_bytes: int
+
+
+def lru_key(accessed_at, key):
+    """Return the ``cas-lru`` key of the blob under raw hash ``key``."""
+    return _UINT64.pack(accessed_at) + key
 
 
 def chunk_key(blob_id, number):
@@ -164,6 +190,7 @@ def insert_blob(txn, dbs, key, record):
     Returns the new stored total in bytes.
     """
     txn.put(key, record.pack(), db=dbs.index)
+    txn.put(lru_key(record.accessed_at, key), b"", db=dbs.lru)
     return add_stored_bytes(txn, dbs, record.size_bytes)
 
 
@@ -177,6 +204,7 @@ def delete_blob(txn, dbs, key, blob_id):
     if record is None or record.blob_id != blob_id:
         return None
     txn.delete(key, db=dbs.index)
+    txn.delete(lru_key(record.accessed_at, key), db=dbs.lru)
     delete_chunks(txn, dbs, blob_id)
     return add_stored_bytes(txn, dbs, -record.size_bytes)
 
@@ -220,5 +248,115 @@ def update_access_times(txn, dbs, accessed):
         if record is None or record.accessed_at >= accessed_at:
             continue
         txn.put(key, record._replace(accessed_at=accessed_at).pack(), db=dbs.index)
+        txn.delete(lru_key(record.accessed_at, key), db=dbs.lru)
+        txn.put(lru_key(accessed_at, key), b"", db=dbs.lru)
         changed += 1
     return changed
+
+
+def evict_lru(txn, dbs, bytes_to_free, is_protected):
+    """Delete least-recently-used blobs until ``bytes_to_free`` bytes are freed or no
+    blob is left to delete.
+
+    Blobs whose raw hash makes ``is_protected`` return true are skipped. Each call
+    walks ``cas-lru`` from its start, so its cost grows with the number of protected
+    blobs older than the ones it deletes. Returns an ``Eviction``.
+    """
+    blobs = 0
+    freed_bytes = 0
+    stale_keys = []
+    with txn.cursor(db=dbs.lru) as cursor:
+        found = cursor.first()
+        while found and freed_bytes < bytes_to_free:
+            position = bytes(cursor.key())
+            key = position[_UINT64.size :]
+            record = read_record(txn, dbs, key)
+            if record is None or lru_key(record.accessed_at, key) != position:
+                stale_keys.append(position)
+            elif not is_protected(key):
+                txn.delete(key, db=dbs.index)
+                delete_chunks(txn, dbs, record.blob_id)
+                stale_keys.append(position)
+                blobs += 1
+                freed_bytes += record.size_bytes
+            found = cursor.next()
+
+    # Deleted after the walk, because deleting under the cursor would move it.
+    for position in stale_keys:
+        txn.delete(position, db=dbs.lru)
+    return Eviction(blobs, freed_bytes, add_stored_bytes(txn, dbs, -freed_bytes))
+
+
+def rebuild_lru(txn, dbs):
+    """Replace every ``cas-lru`` key with one per index record.
+
+    Needed once for a store written before ``cas-lru`` existed. Returns the number of
+    keys written.
+    """
+    txn.drop(dbs.lru, delete=False)
+    count = 0
+    with txn.cursor(db=dbs.index) as cursor:
+        for key, data in cursor:
+            record = IndexRecord.unpack(data)
+            txn.put(lru_key(record.accessed_at, bytes(key)), b"", db=dbs.lru)
+            count += 1
+    return count
+
+
+def count_entries(txn, db):
+    """Return the number of keys in the database ``db``."""
+    return txn.stat(db)["entries"]
+
+
+def check_layout(txn, dbs):
+    """Check the invariants of the layout and return a description of each violation.
+
+    The checks: the stored total equals the sum of index sizes. ``cas-lru`` has
+    exactly one key per index record, with its access time. Each indexed blob has the
+    chunks its size needs and no other. Every chunk belongs to an indexed blob or a
+    pending upload. Reads every key of the store, so it is meant for tests and tools.
+    """
+    problems = []
+    expected_chunks = {}
+    expected_lru = set()
+    total = 0
+    with txn.cursor(db=dbs.index) as cursor:
+        for key, data in cursor:
+            record = IndexRecord.unpack(data)
+            total += record.size_bytes
+            expected_lru.add(lru_key(record.accessed_at, bytes(key)))
+            expected_chunks[record.blob_id] = (bytes(key).hex(), record.size_bytes)
+
+    stored = read_stored_bytes(txn, dbs)
+    if stored != total:
+        problems.append(f"stored-bytes is {stored}, but the index records add up to {total}")
+
+    with txn.cursor(db=dbs.lru) as cursor:
+        lru = {bytes(key) for key in cursor.iternext(values=False)}
+    for position in sorted(lru - expected_lru):
+        problems.append(f"cas-lru key {position.hex()} has no matching index record")
+    for position in sorted(expected_lru - lru):
+        problems.append(f"index record of {position[_UINT64.size :].hex()} has no cas-lru key")
+
+    with txn.cursor(db=dbs.pending) as cursor:
+        pending = {_BLOB_ID.unpack(key)[0] for key in cursor.iternext(values=False)}
+
+    chunk_sizes = {}
+    with txn.cursor(db=dbs.chunks) as cursor:
+        for key, data in cursor:
+            blob_id, number = _CHUNK_KEY.unpack(key)
+            chunk_sizes.setdefault(blob_id, []).append((number, len(data)))
+
+    for blob_id, chunks in sorted(chunk_sizes.items()):
+        if blob_id not in expected_chunks and blob_id not in pending:
+            problems.append(f"{len(chunks)} chunks of blob id {blob_id} belong to no blob")
+    for blob_id, (hash_hex, size) in sorted(expected_chunks.items()):
+        chunks = chunk_sizes.get(blob_id, [])
+        numbers = [number for number, _ in chunks]
+        chunk_count = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+        stored_size = sum(length for _, length in chunks)
+        if numbers != list(range(chunk_count)) or stored_size != size:
+            problems.append(
+                f"blob {hash_hex} of {size} bytes has chunks {chunks} (number, bytes)"
+            )
+    return problems

@@ -11,8 +11,8 @@ from bgrid.errors import BgridError, InvalidArgumentError, NotFoundError
 from bgrid.interfaces import IActionCache
 
 
-class _IncompleteResult(Exception):
-    """A blob that the result needs is absent, damaged or unparsable."""
+class IncompleteResultError(Exception):
+    """A Tree or Directory that a result refers to is absent, damaged or unparsable."""
 
     def __init__(self, digest, reason):
         super().__init__(f"{digest}: {reason}")
@@ -24,16 +24,16 @@ def _digest_of(proto, field):
     try:
         return Digest.from_proto(proto, field)
     except InvalidArgumentError as error:
-        raise _IncompleteResult(f"{proto.hash}/{proto.size_bytes}", error.message) from error
+        raise IncompleteResultError(f"{proto.hash}/{proto.size_bytes}", error.message) from error
 
 
 def _parse_blob(message_class, digest, data):
     if isinstance(data, BgridError):
-        raise _IncompleteResult(digest, data.message)
+        raise IncompleteResultError(digest, data.message)
     try:
         return message_class.FromString(data)
     except DecodeError as error:
-        raise _IncompleteResult(digest, f"not a valid {message_class.__name__}: {error}") from error
+        raise IncompleteResultError(digest, f"not a valid {message_class.__name__}: {error}") from error
 
 
 @implementer(IActionCache)
@@ -60,8 +60,8 @@ class CompletenessCheckingActionCache:
     async def _get(self, instance_name, action_digest):
         result = await self._action_cache.get(instance_name, action_digest)
         try:
-            missing = await self._find_missing_outputs(result)
-        except _IncompleteResult as incomplete:
+            missing = await find_missing_outputs(self._blob_store, result)
+        except IncompleteResultError as incomplete:
             missing, reason = incomplete.digest, incomplete.reason
         else:
             if not missing:
@@ -86,63 +86,68 @@ class CompletenessCheckingActionCache:
     def put(self, instance_name, action_digest, action_result):
         return self._action_cache.put(instance_name, action_digest, action_result)
 
-    async def _find_missing_outputs(self, result):
-        """Return the digests that ``result`` refers to and the CAS lacks, in order.
 
-        Raises ``_IncompleteResult`` when a Tree or Directory cannot be read or parsed, or a
-        stored digest is invalid.
-        """
-        referenced = [
-            _digest_of(output.digest, "output_files.digest") for output in result.output_files
-        ]
-        for field in ("stdout_digest", "stderr_digest"):
-            if result.HasField(field):
-                referenced.append(_digest_of(getattr(result, field), field))
+async def find_missing_outputs(blob_store, result):
+    """Return the digests that the ActionResult ``result`` refers to and the CAS lacks.
 
-        tree_digests = []
-        root_directory_digests = []
-        for output in result.output_directories:
-            if output.HasField("tree_digest"):
-                tree_digests.append(_digest_of(output.tree_digest, "tree_digest"))
-            if output.HasField("root_directory_digest"):
-                root_directory_digests.append(
-                    _digest_of(output.root_directory_digest, "root_directory_digest")
-                )
+    The order is that of first reference.
 
-        referenced.extend(await self._files_in_trees(tree_digests))
-        referenced.extend(await self._files_below_directories(root_directory_digests))
-        return await self._blob_store.find_missing(referenced)
+    Raises ``IncompleteResultError`` when a Tree or Directory cannot be read or parsed, or a
+    stored digest is invalid.
+    """
+    referenced = [
+        _digest_of(output.digest, "output_files.digest") for output in result.output_files
+    ]
+    for field in ("stdout_digest", "stderr_digest"):
+        if result.HasField(field):
+            referenced.append(_digest_of(getattr(result, field), field))
 
-    async def _files_in_trees(self, tree_digests):
-        if not tree_digests:
-            return []
+    tree_digests = []
+    root_directory_digests = []
+    for output in result.output_directories:
+        if output.HasField("tree_digest"):
+            tree_digests.append(_digest_of(output.tree_digest, "tree_digest"))
+        if output.HasField("root_directory_digest"):
+            root_directory_digests.append(
+                _digest_of(output.root_directory_digest, "root_directory_digest")
+            )
 
-        files = []
-        blobs = await self._blob_store.get_many(tree_digests)
-        for tree_digest, data in zip(tree_digests, blobs):
-            tree = _parse_blob(re_pb2.Tree, tree_digest, data)
-            for directory in [tree.root, *tree.children]:
-                for node in directory.files:
-                    files.append(_digest_of(node.digest, "Tree file digest"))
-        return files
+    referenced.extend(await _files_in_trees(blob_store, tree_digests))
+    referenced.extend(await _files_below_directories(blob_store, root_directory_digests))
+    return await blob_store.find_missing(referenced)
 
-    async def _files_below_directories(self, root_digests):
-        """Return the file digests of every Directory below ``root_digests``, reading one
-        level of the hierarchy per ``get_many``."""
-        files = []
-        level = list(dict.fromkeys(root_digests))
-        seen = set(level)
-        while level:
-            blobs = await self._blob_store.get_many(level)
-            next_level = []
-            for directory_digest, data in zip(level, blobs):
-                directory = _parse_blob(re_pb2.Directory, directory_digest, data)
-                for node in directory.files:
-                    files.append(_digest_of(node.digest, "Directory file digest"))
-                for node in directory.directories:
-                    child = _digest_of(node.digest, "Directory subdirectory digest")
-                    if child not in seen:
-                        seen.add(child)
-                        next_level.append(child)
-            level = next_level
-        return files
+
+async def _files_in_trees(blob_store, tree_digests):
+    if not tree_digests:
+        return []
+
+    files = []
+    blobs = await blob_store.get_many(tree_digests)
+    for tree_digest, data in zip(tree_digests, blobs):
+        tree = _parse_blob(re_pb2.Tree, tree_digest, data)
+        for directory in [tree.root, *tree.children]:
+            for node in directory.files:
+                files.append(_digest_of(node.digest, "Tree file digest"))
+    return files
+
+
+async def _files_below_directories(blob_store, root_digests):
+    """Return the file digests of every Directory below ``root_digests``, reading one
+    level of the hierarchy per ``get_many``."""
+    files = []
+    level = list(dict.fromkeys(root_digests))
+    seen = set(level)
+    while level:
+        blobs = await blob_store.get_many(level)
+        next_level = []
+        for directory_digest, data in zip(level, blobs):
+            directory = _parse_blob(re_pb2.Directory, directory_digest, data)
+            for node in directory.files:
+                files.append(_digest_of(node.digest, "Directory file digest"))
+            for node in directory.directories:
+                child = _digest_of(node.digest, "Directory subdirectory digest")
+                if child not in seen:
+                    seen.add(child)
+                    next_level.append(child)
+        level = next_level
+    return files

@@ -2,7 +2,9 @@
 thread pool."""
 
 import collections
+import contextlib
 import os
+import struct
 import threading
 
 import lmdb
@@ -15,6 +17,18 @@ from bgrid.errors import ResourceExhaustedError, UnavailableError
 
 DEFAULT_MAP_SIZE = 1 << 40
 DEFAULT_READER_THREADS = 4
+
+# The space, in bytes, that the first round of reclaiming requests when the map is full at
+# its maximum size, unless a sixteenth of the map is less. Later rounds for the same
+# writes request twice as much as the round before.
+FIRST_RECLAIM_BYTES = 16 << 20
+
+# A named database of the environment's own: a counter written after each reclaim.
+# LMDB hands pages freed by transaction N to transaction N + 2 or later (checked against
+# LMDB 0.9.x), so one more committed write is needed before a retry can use them.
+ENVIRONMENT_DATABASE = b"bgrid-environment"
+_RECLAIM_COUNT_KEY = b"reclaim-count"
+_UINT64 = struct.Struct(">Q")
 
 # Reader slots beyond one per pool thread, for tools such as mdb_stat and mdb_copy, which
 # take a slot while they run against the live database.
@@ -38,6 +52,53 @@ class _QueuedWrite:
         self.deferreds = deferreds
 
 
+class _TransactionGate:
+    """A gate that lets any number of transactions run at once, or a map resize alone.
+
+    LMDB allows ``mdb_env_set_mapsize`` only while no transaction of the process is
+    active, and does not check it (lmdb.h of LMDB 0.9.x), so every transaction of the
+    environment enters this gate and the resize waits for all of them to leave.
+    """
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Hold the gate open for one transaction, waiting while a resize runs."""
+        with self._condition:
+            while self._resizing:
+                self._condition.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._active -= 1
+                if self._active == 0:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Close the gate to new transactions and wait until the active ones end."""
+        with self._condition:
+            self._resizing = True
+            while self._active:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._resizing = False
+                self._condition.notify_all()
+
+
+def _is_map_full(outcome):
+    return isinstance(outcome, Failure) and outcome.check(lmdb.MapFullError) is not None
+
+
 class LmdbEnvironment:
     """An LMDB environment shared by every store of the server.
 
@@ -54,6 +115,15 @@ class LmdbEnvironment:
     transaction (group commit), each operation in its own nested transaction so that a
     failing operation rolls back alone. Reads run on a small thread pool, one read
     transaction per call. Every Deferred returned here fires on the reactor thread.
+
+    A full map (``lmdb.MapFullError``) is handled on the writer thread before the writes
+    that hit it fail: the map doubles, up to ``max_map_size``, while a gate keeps every
+    other transaction of the process out. At the maximum, the reclaimer set with
+    ``set_space_reclaimer`` (the CAS evicts least-recently-used blobs) frees space in a
+    transaction of its own, and the writes run again. Only when neither helps do they
+    fail with ``ResourceExhaustedError``. Every transaction on this environment must
+    therefore go through ``read`` or ``write``, because a transaction opened on the
+    ``lmdb.Environment`` directly would not hold the resize off.
     """
 
     log = Logger()
@@ -65,21 +135,33 @@ class LmdbEnvironment:
         map_size=DEFAULT_MAP_SIZE,
         reader_threads=DEFAULT_READER_THREADS,
         reactor=None,
+        max_map_size=None,
     ):
         """Describe the environment. Nothing is opened until ``start``.
 
         ``path`` is the data directory, created if missing. ``database_names`` are the
-        byte names of the named databases to open. ``map_size`` is the maximum size of
-        the data file in bytes, and a large map costs nothing until used because the
-        file is sparse. ``reactor`` provides ``callFromThread`` (the global reactor by
-        default).
+        byte names of the named databases to open. ``map_size`` is the size in bytes of
+        the map at start, and ``max_map_size`` (``map_size`` by default) the size it may
+        double up to when full. Both bound the data file, which is sparse, so a large
+        map costs address space but no disk until used. ``reactor`` provides
+        ``callFromThread`` (the global reactor by default).
         """
         if reader_threads < 1:
             raise ValueError(f"reader_threads must be at least 1, got {reader_threads}")
+        if max_map_size is None:
+            max_map_size = map_size
+        if max_map_size < map_size:
+            raise ValueError(
+                f"max_map_size ({max_map_size} bytes) must be at least map_size "
+                f"({map_size} bytes)"
+            )
+        self._database_names = tuple(database_names)
+        if ENVIRONMENT_DATABASE in self._database_names:
+            raise ValueError(f"database name {ENVIRONMENT_DATABASE!r} is reserved")
         self.path = path
         self.map_size = map_size
+        self.max_map_size = max_map_size
         self.reader_threads = reader_threads
-        self._database_names = tuple(database_names)
         self._reactor = reactor
         self._state = _CLOSED
         self._env = None
@@ -90,6 +172,9 @@ class LmdbEnvironment:
         self._queue_condition = threading.Condition()
         self._writer_stopped = None
         self._closed_waiters = []
+        self._gate = _TransactionGate()
+        self._reclaimer = None
+        self._environment_db = None
 
     def start(self):
         """Open the environment and its databases and start the writer and reader threads.
@@ -107,7 +192,7 @@ class LmdbEnvironment:
         self._env = lmdb.open(
             self.path,
             map_size=self.map_size,
-            max_dbs=len(self._database_names),
+            max_dbs=len(self._database_names) + 1,
             max_readers=self.reader_threads + RESERVED_READER_SLOTS,
             sync=True,
             metasync=False,
@@ -115,10 +200,13 @@ class LmdbEnvironment:
         try:
             for name in self._database_names:
                 self._databases[name] = self._env.open_db(name)
+            self._environment_db = self._env.open_db(ENVIRONMENT_DATABASE)
         except lmdb.Error:
             self._env.close()
             self._env = None
             raise
+        # LMDB raises the map to the size of the data already in the file.
+        self.map_size = self._env.info()["map_size"]
 
         self._reader_pool = ThreadPool(
             minthreads=1, maxthreads=self.reader_threads, name="bgrid-lmdb-reader"
@@ -132,9 +220,11 @@ class LmdbEnvironment:
         self._state = _OPEN
         self._writer_thread.start()
         self.log.info(
-            "opened LMDB environment at {path} with a map size of {map_size} bytes",
+            "opened LMDB environment at {path} with a map size of {map_size} bytes "
+            "(maximum {max_map_size} bytes)",
             path=self.path,
             map_size=self.map_size,
+            max_map_size=self.max_map_size,
         )
 
     def stop(self):
@@ -181,6 +271,17 @@ class LmdbEnvironment:
         self._check_open()
         return self._databases[name]
 
+    def set_space_reclaimer(self, reclaim):
+        """Set the function that frees space when the map is full at ``max_map_size``.
+
+        The writer thread calls ``reclaim(txn, target_bytes)`` in a write transaction of
+        its own. It should delete about ``target_bytes`` of data, or all it can when
+        that is less, and return ``(freed_bytes, on_commit)``: the bytes of data it
+        deleted and a callable (or None) that runs on the reactor thread once the
+        transaction is committed. Returning 0 bytes means nothing more can be freed.
+        """
+        self._reclaimer = reclaim
+
     def read(self, function, *args):
         """Call ``function(txn, *args)`` in a read transaction on a reader thread.
 
@@ -211,8 +312,9 @@ class LmdbEnvironment:
         transaction is committed. ``operation`` runs in a nested write transaction, so
         an exception rolls back its changes alone and fails only its Deferred. When the
         group fails to commit, each of its operations runs again alone in its own
-        transaction, so an operation must change nothing outside the transaction.
-        A full map fails the Deferred with ``ResourceExhaustedError``.
+        transaction, so an operation must change nothing outside the transaction. For
+        the same reason it may run again after a full map was grown or space reclaimed.
+        A map that stays full fails the Deferred with ``ResourceExhaustedError``.
         """
         return self.write_many([operation])[0]
 
@@ -246,7 +348,7 @@ class LmdbEnvironment:
         return UnavailableError(f"storage at {self.path} is not open: the server is stopping")
 
     def _run_read(self, function, args):
-        with self._env.begin(buffers=True) as txn:
+        with self._gate.transaction(), self._env.begin(buffers=True) as txn:
             return function(txn, *args)
 
     # The writer thread.
@@ -283,32 +385,39 @@ class LmdbEnvironment:
         return operations, deferreds
 
     def _apply_batch(self, operations, deferreds):
-        try:
-            outcomes = self._apply_group(operations)
-        except Exception as error:
-            if len(operations) == 1:
-                outcomes = [Failure(self._translate_error(error))]
-            else:
-                self._reactor.callFromThread(
-                    self.log.warn,
-                    "group commit of {count} LMDB writes failed ({error}), "
-                    "so each write is retried in its own transaction",
-                    count=len(operations),
-                    error=error,
-                )
-                outcomes = [self._apply_alone(operation) for operation in operations]
+        outcomes = self._apply_with_fallback(operations)
+        outcomes = self._retry_after_map_full(operations, outcomes)
 
         for deferred, outcome in zip(deferreds, outcomes):
             if isinstance(outcome, Failure):
+                outcome = self._translate_failure(outcome)
                 self._reactor.callFromThread(deferred.errback, outcome)
             else:
                 self._reactor.callFromThread(deferred.callback, outcome)
+
+    def _apply_with_fallback(self, operations):
+        """Apply ``operations`` in one group transaction, or each alone when the group
+        fails to commit. Returns the outcome of each, untranslated."""
+        try:
+            return self._apply_group(operations)
+        except Exception as error:
+            # A full map is handled for the whole group by _retry_after_map_full.
+            if len(operations) == 1 or isinstance(error, lmdb.MapFullError):
+                return [Failure(error) for _ in operations]
+            self._reactor.callFromThread(
+                self.log.warn,
+                "group commit of {count} LMDB writes failed ({error}), "
+                "so each write is retried in its own transaction",
+                count=len(operations),
+                error=error,
+            )
+            return [self._apply_alone(operation) for operation in operations]
 
     def _apply_alone(self, operation):
         try:
             return self._apply_group([operation])[0]
         except Exception as error:
-            return Failure(self._translate_error(error))
+            return Failure(error)
 
     def _apply_group(self, operations):
         """Apply ``operations`` in one write transaction and return the outcome of each:
@@ -318,22 +427,123 @@ class LmdbEnvironment:
         commit.
         """
         outcomes = []
-        with self._env.begin(write=True) as txn:
+        with self._gate.transaction(), self._env.begin(write=True) as txn:
             for operation in operations:
                 try:
                     with self._env.begin(write=True, parent=txn) as nested:
                         outcomes.append(operation(nested))
-                except lmdb.Error as error:
-                    outcomes.append(Failure(self._translate_error(error)))
                 except Exception:
                     outcomes.append(Failure())
         return outcomes
 
-    def _translate_error(self, error):
-        if isinstance(error, lmdb.MapFullError):
-            return ResourceExhaustedError(
-                f"storage is full: the LMDB map at {self.path} is limited to "
-                f"{self.map_size} bytes. Raise map_size (the --max-cas-size option) "
-                f"or free space."
+    # A full map.
+
+    def _retry_after_map_full(self, operations, outcomes):
+        """Make room and apply again the operations that failed with a full map, until
+        they succeed or no more room can be made. Returns the updated outcomes."""
+        reclaim_bytes = min(FIRST_RECLAIM_BYTES, self.max_map_size // 16)
+        while True:
+            full = [index for index, outcome in enumerate(outcomes) if _is_map_full(outcome)]
+            if not full:
+                return outcomes
+
+            grown = self.map_size < self.max_map_size and self._grow_map()
+            if not grown:
+                if self._reclaim_space(reclaim_bytes) == 0:
+                    return outcomes
+                reclaim_bytes *= 2
+
+            retried = self._apply_with_fallback([operations[index] for index in full])
+            for index, outcome in zip(full, retried):
+                outcomes[index] = outcome
+
+    def _grow_map(self):
+        """Double the map, up to ``max_map_size``. Returns False when the resize fails,
+        after which the map keeps its size for the rest of the run."""
+        old_size = self.map_size
+        new_size = min(self.max_map_size, old_size * 2)
+        try:
+            with self._gate.exclusive():
+                self._env.set_mapsize(new_size)
+        except lmdb.Error as error:
+            self.max_map_size = old_size
+            self._reactor.callFromThread(
+                self.log.error,
+                "growing the LMDB map at {path} from {old_size} to {new_size} bytes "
+                "failed ({error}), so it stays at {old_size} bytes until restart",
+                path=self.path,
+                old_size=old_size,
+                new_size=new_size,
+                error=error,
             )
-        return error
+            return False
+        self.map_size = self._env.info()["map_size"]
+        self._reactor.callFromThread(
+            self.log.info,
+            "LMDB map at {path} was full, so it grew from {old_size} to {new_size} bytes "
+            "(maximum {max_map_size} bytes)",
+            path=self.path,
+            old_size=old_size,
+            new_size=self.map_size,
+            max_map_size=self.max_map_size,
+        )
+        return True
+
+    def _reclaim_space(self, target_bytes):
+        """Run the reclaimer, then commit one more write so that LMDB can reuse the
+        freed pages. Returns the bytes of data freed, 0 when nothing could be."""
+        if self._reclaimer is None:
+            return 0
+        try:
+            with self._gate.transaction(), self._env.begin(write=True) as txn:
+                freed_bytes, on_commit = self._reclaimer(txn, target_bytes)
+        except Exception as error:
+            self._reactor.callFromThread(
+                self.log.error,
+                "LMDB map at {path} is full at its maximum of {max_map_size} bytes and "
+                "freeing {target_bytes} bytes failed: {error}",
+                path=self.path,
+                max_map_size=self.max_map_size,
+                target_bytes=target_bytes,
+                error=error,
+            )
+            return 0
+        if not freed_bytes:
+            return 0
+
+        if on_commit is not None:
+            self._reactor.callFromThread(on_commit)
+        self._reactor.callFromThread(
+            self.log.info,
+            "LMDB map at {path} is full at its maximum of {max_map_size} bytes, so "
+            "{freed_bytes} bytes of data were freed (requested {target_bytes})",
+            path=self.path,
+            max_map_size=self.max_map_size,
+            freed_bytes=freed_bytes,
+            target_bytes=target_bytes,
+        )
+        try:
+            with self._gate.transaction(), self._env.begin(write=True) as txn:
+                data = txn.get(_RECLAIM_COUNT_KEY, db=self._environment_db)
+                count = _UINT64.unpack(data)[0] + 1 if data is not None else 1
+                txn.put(_RECLAIM_COUNT_KEY, _UINT64.pack(count), db=self._environment_db)
+        except lmdb.Error as error:
+            self._reactor.callFromThread(
+                self.log.warn,
+                "writing the reclaim counter of the LMDB map at {path} failed ({error}), "
+                "so the freed pages become reusable one write later",
+                path=self.path,
+                error=error,
+            )
+        return freed_bytes
+
+    def _translate_failure(self, failure):
+        if failure.check(lmdb.MapFullError):
+            return Failure(
+                ResourceExhaustedError(
+                    f"storage is full: the LMDB map at {self.path} is at its maximum of "
+                    f"{self.max_map_size} bytes and no more data can be evicted. Raise the "
+                    f"maximum map size (--map-size) or lower the CAS quota (--max-cas-size)."
+                )
+            )
+        return failure

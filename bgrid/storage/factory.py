@@ -3,6 +3,8 @@
 from twisted.application import service
 from twisted.logger import Logger
 
+from bgrid.scheduler.store import LmdbSchedulerStore
+from bgrid.storage.cas_eviction import DEFAULT_LOW_WATERMARK
 from bgrid.storage.completeness import CompletenessCheckingActionCache
 from bgrid.storage.environment import (
     DEFAULT_MAP_SIZE,
@@ -11,6 +13,10 @@ from bgrid.storage.environment import (
 )
 from bgrid.storage.lmdb_action_cache import LmdbActionCache
 from bgrid.storage.lmdb_cas import DEFAULT_ACCESS_FLUSH_INTERVAL, LmdbBlobStore
+
+# The LMDB map starts at this size, or at map_size when smaller, and doubles when full up
+# to map_size, so the address space reserved follows the data.
+INITIAL_MAP_SIZE = 1 << 30
 
 
 class StorageStack(service.Service):
@@ -68,14 +74,18 @@ def build_storage(
     reactor=None,
     reader_threads=DEFAULT_READER_THREADS,
     access_flush_interval=DEFAULT_ACCESS_FLUSH_INTERVAL,
+    max_cas_size=None,
+    cas_low_watermark=DEFAULT_LOW_WATERMARK,
 ):
     """Build the storage stack over the LMDB environment in ``data_dir``.
 
     ``map_size`` is the maximum size of the database in bytes. ``reactor`` delivers
     results from the storage threads (the global reactor by default) and ``clock``, an
     ``IReactorTime``, gives access times and drives their flush (``reactor`` by
-    default). ``access_flush_interval`` is in seconds. Nothing is opened until
-    ``start`` or ``startService``.
+    default). ``access_flush_interval`` is in seconds. ``max_cas_size`` is the CAS
+    quota in bytes of stored blobs (None: no quota, only the map limits the store) and
+    ``cas_low_watermark`` the fraction of it that eviction goes down to. Nothing is
+    opened until ``start`` or ``startService``.
     """
     if clock is None:
         if reactor is None:
@@ -84,12 +94,17 @@ def build_storage(
 
     environment = LmdbEnvironment(
         data_dir,
-        LmdbBlobStore.DATABASE_NAMES + LmdbActionCache.DATABASE_NAMES,
-        map_size=map_size,
+        LmdbBlobStore.DATABASE_NAMES
+        + LmdbActionCache.DATABASE_NAMES
+        + LmdbSchedulerStore.DATABASE_NAMES,
+        map_size=min(map_size, INITIAL_MAP_SIZE),
+        max_map_size=map_size,
         reader_threads=reader_threads,
         reactor=reactor,
     )
-    blob_store = LmdbBlobStore(environment, clock, access_flush_interval)
+    blob_store = LmdbBlobStore(
+        environment, clock, access_flush_interval, max_cas_size, cas_low_watermark
+    )
     lmdb_action_cache = LmdbActionCache(environment)
     action_cache = CompletenessCheckingActionCache(lmdb_action_cache, blob_store)
     return StorageStack(environment, blob_store, lmdb_action_cache, action_cache)

@@ -1,5 +1,6 @@
 """The content-addressable store of a bgrid server, kept in LMDB as chunked blobs."""
 
+import functools
 from typing import NamedTuple
 
 from twisted.internet import defer, task
@@ -14,9 +15,11 @@ from bgrid.errors import (
     DigestMismatchError,
     InvalidArgumentError,
     OutOfRangeError,
+    ResourceExhaustedError,
 )
 from bgrid.interfaces import IBlobStore
 from bgrid.storage import cas_layout
+from bgrid.storage.cas_eviction import DEFAULT_LOW_WATERMARK, LruEvictor
 from bgrid.storage.cas_layout import CasDatabases, IndexRecord
 from bgrid.storage.lmdb_cas_streams import LmdbBlobReader, LmdbBlobWriter
 
@@ -31,6 +34,20 @@ class _Corrupt(NamedTuple):
     """The outcome of reading a blob whose stored data fails its integrity check."""
 
     blob_id: int
+
+
+class _Recovery(NamedTuple):
+    """The cleanup that ``LmdbBlobStore.start`` did in the database."""
+
+    uploads: int
+    chunks: int
+    lru_keys_rebuilt: object
+    eviction: object
+    stored_bytes: int
+
+
+def _do_nothing(txn):
+    return None
 
 
 def _hash_all(datas):
@@ -89,29 +106,55 @@ class LmdbBlobStore:
     when their index record is written (see ``cas_layout``). Every read of a whole blob
     checks its SHA-256, and a blob that fails is deleted and reported as
     ``CorruptBlobError``. Access times of found and read blobs are kept in memory and
-    written in one transaction every ``access_flush_interval`` seconds and at stop.
-    ``stored_bytes`` is the total size of the stored blobs, kept in the database in the
-    same transactions that add or delete blobs.
+    written in one transaction every ``access_flush_interval`` seconds, at stop, and
+    before each eviction. ``stored_bytes`` is the total size of the stored blobs, kept
+    in the database in the same transactions that add or delete blobs.
+
+    With a quota (``max_stored_bytes``), inserts evict least-recently-used blobs as
+    ``cas_eviction`` describes, and a blob larger than the quota is rejected with
+    ``ResourceExhaustedError`` before its data is hashed. The quota counts blob bytes
+    only: chunks of uploads in progress, the index and LMDB's free pages take disk
+    space beyond it. When the LMDB map is full at its maximum size, the store evicts
+    least-recently-used blobs whatever the quota.
     """
 
     log = Logger()
 
     DATABASE_NAMES = cas_layout.DATABASE_NAMES
 
-    def __init__(self, environment, clock, access_flush_interval=DEFAULT_ACCESS_FLUSH_INTERVAL):
+    def __init__(
+        self,
+        environment,
+        clock,
+        access_flush_interval=DEFAULT_ACCESS_FLUSH_INTERVAL,
+        max_stored_bytes=None,
+        low_watermark=DEFAULT_LOW_WATERMARK,
+    ):
         """Describe the store. ``start`` opens it.
 
         ``environment`` is an ``LmdbEnvironment`` opened with ``DATABASE_NAMES``,
         ``clock`` an ``IReactorTime`` that gives access times and drives the flush, and
-        ``access_flush_interval`` is in seconds.
+        ``access_flush_interval`` is in seconds. ``max_stored_bytes`` is the quota in
+        bytes (None: no quota) and ``low_watermark`` the fraction of it that eviction
+        goes down to.
         """
         self.stored_bytes = 0
         self._environment = environment
         self._clock = clock
         self._access_flush_interval = access_flush_interval
+        self._evictor = LruEvictor(max_stored_bytes, low_watermark)
         self._dbs = None
-        self._accessed = {}
         self._flush_loop = None
+
+    @property
+    def max_stored_bytes(self):
+        """The quota in bytes, or None when the store has none."""
+        return self._evictor.max_stored_bytes
+
+    @property
+    def pinned_blobs(self):
+        """The number of distinct blobs pinned now, by ``pin`` and by open readers."""
+        return self._evictor.pinned_blobs
 
     def start(self):
         """Delete the uploads that a crash left unfinished and start the access-time flush.
@@ -121,6 +164,7 @@ class LmdbBlobStore:
         the first queued write and unfinished uploads are never visible.
         """
         self._dbs = CasDatabases.of(self._environment)
+        self._environment.set_space_reclaimer(self._reclaim_map_space)
 
         recovering = self._environment.write(self._recover)
         recovering.addCallback(self._recovered)
@@ -140,19 +184,46 @@ class LmdbBlobStore:
         return self._flush_access_times_logging_errors().addCallback(lambda _: None)
 
     def _recover(self, txn):
-        uploads, chunks = cas_layout.delete_pending_uploads(txn, self._dbs)
-        return uploads, chunks, cas_layout.read_stored_bytes(txn, self._dbs)
+        dbs = self._dbs
+        uploads, chunks = cas_layout.delete_pending_uploads(txn, dbs)
 
-    def _recovered(self, outcome):
-        uploads, chunks, stored_bytes = outcome
-        if uploads:
+        # A store written before cas-lru existed has index records without LRU keys.
+        lru_keys_rebuilt = None
+        index_count = cas_layout.count_entries(txn, dbs.index)
+        if cas_layout.count_entries(txn, dbs.lru) != index_count:
+            lru_keys_rebuilt = cas_layout.rebuild_lru(txn, dbs)
+
+        eviction = self._evictor.enforce_quota(txn, dbs)
+        return _Recovery(
+            uploads, chunks, lru_keys_rebuilt, eviction, cas_layout.read_stored_bytes(txn, dbs)
+        )
+
+    def _recovered(self, recovery):
+        if recovery.uploads:
             self.log.info(
                 "deleted {uploads} unfinished uploads ({chunks} chunks) left by an earlier run",
-                uploads=uploads,
-                chunks=chunks,
+                uploads=recovery.uploads,
+                chunks=recovery.chunks,
             )
-        self.stored_bytes = stored_bytes
-        self.log.info("CAS started with {stored_bytes} bytes of blobs", stored_bytes=stored_bytes)
+        if recovery.lru_keys_rebuilt is not None:
+            self.log.info(
+                "rebuilt the least-recently-used order (cas-lru) of {count} blobs from the "
+                "index",
+                count=recovery.lru_keys_rebuilt,
+            )
+        if recovery.eviction is not None:
+            self._log_eviction(recovery.eviction, "the CAS was above its quota at start")
+        self.stored_bytes = recovery.stored_bytes
+        self.log.info(
+            "CAS started with {stored_bytes} bytes of blobs (quota: {quota})",
+            stored_bytes=recovery.stored_bytes,
+            quota=(
+                "none"
+                if self.max_stored_bytes is None
+                else f"{self.max_stored_bytes} bytes, evicting down to "
+                f"{self._evictor.low_watermark_bytes} bytes"
+            ),
+        )
 
     # Queries.
 
@@ -223,7 +294,12 @@ class LmdbBlobStore:
         written in one group transaction.
         """
         blobs = list(blobs)
-        to_hash = [data if len(data) == digest.size_bytes else None for digest, data in blobs]
+        to_hash = [
+            data
+            if len(data) == digest.size_bytes and self._check_fits(digest) is None
+            else None
+            for digest, data in blobs
+        ]
         if sum(len(data) for data in to_hash if data is not None) <= INLINE_HASH_LIMIT:
             hashing = defer.succeed(_hash_all(to_hash))
         else:
@@ -236,11 +312,14 @@ class LmdbBlobStore:
         operations = []
         positions = []
         for position, ((digest, data), actual_hash) in enumerate(zip(blobs, actual_hashes)):
+            too_large = self._check_fits(digest)
             if len(data) != digest.size_bytes:
                 results[position] = DigestMismatchError(
                     f"blob {digest}: the data has {len(data)} bytes, "
                     f"expected {digest.size_bytes}"
                 )
+            elif too_large is not None:
+                results[position] = too_large
             elif actual_hash != digest.hash:
                 results[position] = DigestMismatchError(
                     f"blob {digest}: the data has SHA-256 {actual_hash}"
@@ -266,22 +345,29 @@ class LmdbBlobStore:
 
     def _insert_operation(self, digest, data, now):
         dbs = self._dbs
-        key = digest.key
+        evictor = self._evictor
 
         def insert_blob(txn):
-            if cas_layout.read_record(txn, dbs, key) is not None:
+            if cas_layout.read_record(txn, dbs, digest.key) is not None:
                 return None
             blob_id = cas_layout.allocate_blob_id(txn, dbs)
             cas_layout.put_chunks(txn, dbs, blob_id, data)
-            return cas_layout.insert_blob(txn, dbs, key, IndexRecord(len(data), blob_id, now))
+            return evictor.insert_within_quota(
+                txn, dbs, digest, IndexRecord(len(data), blob_id, now)
+            )
 
         return insert_blob
 
-    def _blob_inserted(self, stored_bytes, digest):
-        if stored_bytes is None:
+    def _blob_inserted(self, inserted, digest):
+        """Take the outcome of an insert operation: an ``Inserted``, or None when the
+        blob was stored already."""
+        if inserted is None:
             self._record_access([digest.key])
-        else:
-            self._set_stored_bytes(stored_bytes)
+            return None
+
+        self._set_stored_bytes(inserted.stored_bytes)
+        if inserted.eviction is not None:
+            self._log_eviction(inserted.eviction, f"blob {digest} needed room")
         return None
 
     def _blob_failed(self, failure, digest):
@@ -300,12 +386,19 @@ class LmdbBlobStore:
             )
 
         if digest == EMPTY_DIGEST:
-            opening = defer.succeed(None)
-        else:
-            opening = self._environment.read(_read_record, self._dbs, digest.key)
-        return opening.addCallback(self._reader_opened, digest, offset, limit)
+            return defer.succeed(None).addCallback(
+                self._reader_opened, digest, offset, limit, None
+            )
 
-    def _reader_opened(self, record, digest, offset, limit):
+        # The pin is taken before the record is read, so an eviction that starts after
+        # this call cannot delete the blob while the reader is open.
+        pin = self._evictor.pin([digest.key])
+        opening = self._environment.read(_read_record, self._dbs, digest.key)
+        opening.addCallback(self._reader_opened, digest, offset, limit, pin)
+        opening.addErrback(self._reader_failed, pin)
+        return opening
+
+    def _reader_opened(self, record, digest, offset, limit, pin):
         if digest != EMPTY_DIGEST:
             if record is None or record.size_bytes != digest.size_bytes:
                 raise BlobNotFoundError(digest)
@@ -317,12 +410,50 @@ class LmdbBlobStore:
                 f"read offset {offset} is past the end of blob {digest}, which has {size} bytes"
             )
         end = size if limit == 0 else min(size, offset + limit)
-        return LmdbBlobReader(self, digest, record, offset, end)
+        return LmdbBlobReader(self, digest, record, offset, end, pin)
+
+    def _reader_failed(self, failure, pin):
+        self._evictor.unpin(pin)
+        return failure
 
     def open_writer(self, digest):
         # NOTE: a writer that is neither committed nor aborted keeps its chunks until the
         # next start, so callers must abort every writer they do not commit.
         return LmdbBlobWriter(self, digest)
+
+    # Pins.
+
+    def pin(self, digests):
+        """Protect the blobs of ``digests`` from eviction until ``unpin``.
+
+        Returns a Deferred firing with a ``PinToken`` once every write queued before the
+        call is committed, so no eviction that ran before the pin deletes a blob after
+        the Deferred fires: a ``find_missing`` made then shows what stays stored. Pins
+        are counted per blob and kept in memory, so a restart drops them. A digest not
+        stored yet may be pinned, and its blob is protected once stored. The empty
+        digest is ignored.
+        """
+        token = self._evictor.pin(digest.key for digest in digests if digest != EMPTY_DIGEST)
+        barrier = self._environment.write(_do_nothing)
+
+        def release(failure):
+            self._evictor.unpin(token)
+            return failure
+
+        return barrier.addCallbacks(lambda _: token, release)
+
+    def unpin(self, token):
+        """Release the pins of ``token``, from ``pin``. A second call has no effect."""
+        self._evictor.unpin(token)
+
+    def check_consistency(self):
+        """Check the layout invariants listed in ``cas_layout.check_layout``.
+
+        Returns a Deferred firing with a list of problems, empty when the store is
+        consistent. Reads the whole store in one transaction, so it is meant for tests
+        and maintenance, not for a serving path.
+        """
+        return self._environment.read(cas_layout.check_layout, self._dbs)
 
     # Helpers shared with the reader and writer.
 
@@ -368,9 +499,44 @@ class LmdbBlobStore:
             self.stored_bytes = stored_bytes
 
     def _record_access(self, keys):
-        now = int(self._clock.seconds())
-        for key in keys:
-            self._accessed[key] = now
+        self._evictor.record_access(keys, int(self._clock.seconds()))
+
+    def _check_fits(self, digest):
+        """Return the ``ResourceExhaustedError`` for a blob larger than the quota or the
+        maximum map size, or None."""
+        max_map_size = self._environment.max_map_size
+        if digest.size_bytes > max_map_size:
+            return ResourceExhaustedError(
+                f"blob {digest} is {digest.size_bytes} bytes, larger than the maximum LMDB "
+                f"map size of {max_map_size} bytes (--map-size), so it cannot be stored"
+            )
+        return self._evictor.check_fits(digest)
+
+    def _insert_within_quota(self, txn, digest, record):
+        """Insert an index record on the writer thread, evicting as the quota requires."""
+        return self._evictor.insert_within_quota(txn, self._dbs, digest, record)
+
+    # Eviction.
+
+    def _reclaim_map_space(self, txn, target_bytes):
+        """Free about ``target_bytes`` for a full map, as ``set_space_reclaimer`` of the
+        environment requires. Runs on the writer thread."""
+        eviction = self._evictor.reclaim(txn, self._dbs, target_bytes)
+        return eviction.freed_bytes, functools.partial(self._map_space_reclaimed, eviction)
+
+    def _map_space_reclaimed(self, eviction):
+        self._set_stored_bytes(eviction.stored_bytes)
+        self._log_eviction(eviction, "the LMDB map is full at its maximum size")
+
+    def _log_eviction(self, eviction, reason):
+        self.log.info(
+            "evicted {blobs} least-recently-used blobs ({freed_bytes} bytes) because "
+            "{reason}; {stored_bytes} bytes of blobs remain",
+            blobs=eviction.blobs,
+            freed_bytes=eviction.freed_bytes,
+            reason=reason,
+            stored_bytes=eviction.stored_bytes,
+        )
 
     # Access times.
 
@@ -379,21 +545,25 @@ class LmdbBlobStore:
 
         Returns a Deferred firing with the number of index records changed.
         """
-        if not self._accessed:
+        if not self._evictor.unflushed_access_count():
             return defer.succeed(0)
 
-        accessed, self._accessed = self._accessed, {}
+        accessed = self._evictor.take_access_times()
         dbs = self._dbs
 
         def write_access_times(txn):
             return cas_layout.update_access_times(txn, dbs, accessed)
 
-        return self._environment.write(write_access_times)
+        def forget(result):
+            self._evictor.flushed(accessed)
+            return result
+
+        return self._environment.write(write_access_times).addBoth(forget)
 
     def _flush_access_times_logging_errors(self):
         # Access times only guide eviction, so a failed flush is logged and dropped rather
         # than stopping the loop.
-        count = len(self._accessed)
+        count = self._evictor.unflushed_access_count()
         flushing = self.flush_access_times()
         flushing.addErrback(
             lambda failure: self.log.failure(

@@ -78,12 +78,15 @@ class LmdbBlobReader:
     calls. When the range is the whole blob, the reader hashes the data as it
     goes and fails the last read with ``CorruptBlobError`` (after dropping the blob) if
     the hash differs. Call ``read`` again only after the previous Deferred has fired.
+    The blob stays pinned against eviction until the reader is closed, reaches the end
+    of its range or fails.
     """
 
-    def __init__(self, store, digest, record, offset, end):
+    def __init__(self, store, digest, record, offset, end, pin=None):
         self.digest = digest
         self.size = digest.size_bytes
         self._store = store
+        self._pin = pin
         self._blob_id = record.blob_id if record is not None else None
         self._position = offset
         self._end = end
@@ -101,6 +104,7 @@ class LmdbBlobReader:
         if self._reading:
             return defer.fail(ValueError(f"read of {self.digest} before the previous one ended"))
         if self._position == self._end:
+            self._unpin()
             return defer.succeed(b"")
 
         length = min(max_bytes, self._end - self._position)
@@ -122,13 +126,16 @@ class LmdbBlobReader:
     def _piece_read(self, outcome):
         self._reading = False
         if isinstance(outcome, Failure):
+            self._unpin()
             return outcome
 
         status, data = outcome
         if status == _READ_DELETED:
+            self._unpin()
             raise BlobNotFoundError(self.digest)
         if status == _READ_CORRUPT:
             self._closed = True
+            self._unpin()
             dropping = self._store._drop_corrupt_blob(self.digest, self._blob_id)
             return dropping.addCallback(self._raise_corrupt)
 
@@ -139,8 +146,14 @@ class LmdbBlobReader:
         raise CorruptBlobError(self.digest)
 
     def close(self):
-        """Release the reader. Later reads fail with ``ValueError``."""
+        """Release the reader and its pin. Later reads fail with ``ValueError``."""
         self._closed = True
+        self._unpin()
+
+    def _unpin(self):
+        if self._pin is not None:
+            self._store.unpin(self._pin)
+            self._pin = None
 
 
 _OPEN, _COMMITTING, _COMMITTED, _ABORTED, _FAILED = (
@@ -161,7 +174,9 @@ class LmdbBlobWriter:
     nothing visible and the next start deletes the chunks. At most about
     ``MAX_BUFFERED_BYTES`` are held in memory while callers wait for ``write``'s
     Deferreds. ``commit`` stores the last partial chunk, the index record and the end of
-    the pending upload in one transaction.
+    the pending upload in one transaction, evicting other blobs first when the quota
+    requires. A blob larger than the quota fails its first ``write`` or ``commit`` with
+    ``ResourceExhaustedError``.
     """
 
     log = Logger()
@@ -184,6 +199,11 @@ class LmdbBlobWriter:
         self._idle = _Event()
         self._idle.fire()
         self._discarded = None
+
+        too_large = store._check_fits(digest)
+        if too_large is not None:
+            self._state = _FAILED
+            self._error = too_large
 
     def write(self, data):
         """Append ``data`` and return a Deferred firing once the buffer has room again.
@@ -218,8 +238,8 @@ class LmdbBlobWriter:
         """Check size and SHA-256 and make the blob visible.
 
         Returns a Deferred firing with None. Fails with ``DigestMismatchError`` when the
-        size or hash differs and with ``ResourceExhaustedError`` when the store is full.
-        In both cases the written chunks are deleted.
+        size or hash differs and with ``ResourceExhaustedError`` when the store is full
+        and eviction cannot make room. In both cases the written chunks are deleted.
         """
         if self._state != _OPEN:
             return defer.fail(self._closed_error())
@@ -352,8 +372,10 @@ class LmdbBlobWriter:
         return storing.addCallbacks(self._committed, self._commit_failed)
 
     def _commit_operation(self, last_chunk):
-        dbs = self._store._dbs
-        key = self.digest.key
+        store = self._store
+        dbs = store._dbs
+        digest = self.digest
+        key = digest.key
         blob_id = self._blob_id
         number = self._chunks_written
         record = IndexRecord(self.digest.size_bytes, 0, int(self._store._clock.seconds()))
@@ -372,16 +394,15 @@ class LmdbBlobWriter:
                 txn.put(cas_layout.chunk_key(chunk_blob_id, number), last_chunk, db=dbs.chunks)
             if blob_id is not None:
                 cas_layout.finish_pending_upload(txn, dbs, blob_id)
-            return cas_layout.insert_blob(txn, dbs, key, record._replace(blob_id=chunk_blob_id))
+            return store._insert_within_quota(
+                txn, digest, record._replace(blob_id=chunk_blob_id)
+            )
 
         return commit_blob
 
-    def _committed(self, stored_bytes):
+    def _committed(self, inserted):
         self._state = _COMMITTED
-        if stored_bytes is None:
-            self._store._record_access([self.digest.key])
-        else:
-            self._store._set_stored_bytes(stored_bytes)
+        self._store._blob_inserted(inserted, self.digest)
 
     def _commit_failed(self, failure):
         self._fail(failure.value)

@@ -178,3 +178,66 @@ class CompletenessCheckingActionCacheTests(unittest.TestCase):
         await self.cache.get(INSTANCE, self.action)
 
         self.assertEqual(await self.store.flush_access_times(), 4)
+
+
+class EvictedOutputTests(unittest.TestCase):
+    """The completeness check over a store whose 1 MiB quota forces eviction."""
+
+    async def setUp(self):
+        self.clock = task.Clock()
+        self.stack = await start_storage(
+            self, clock=self.clock, max_cas_size=1 << 20, cas_low_watermark=0.5
+        )
+        self.store = self.stack.blob_store
+        self.cache = self.stack.action_cache
+        _, self.action = random_blob(140)
+
+    async def test_evicted_output_hides_result(self):
+        output_data, output = random_blob(100_000)
+        stdout_data, stdout = random_blob(1000)
+        await self.store.put_many([(output, output_data), (stdout, stdout_data)])
+        result = re_pb2.ActionResult(
+            output_files=[re_pb2.OutputFile(path="out/bin", digest=_proto(output))],
+            stdout_digest=_proto(stdout),
+        )
+        await self.cache.put(INSTANCE, self.action, result)
+        self.assertEqual(await self.cache.get(INSTANCE, self.action), result)
+        pinned = await self.store.pin([stdout])
+
+        for _ in range(12):
+            self.clock.advance(1)
+            data, digest = random_blob(100_000)
+            await self.store.put(digest, data)
+
+        self.assertEqual(await self.store.find_missing([output, stdout]), [output])
+        with self.assertRaises(NotFoundError) as caught:
+            await self.cache.get(INSTANCE, self.action)
+        self.assertIn(str(output), caught.exception.message)
+        self.store.unpin(pinned)
+
+    async def test_evicted_file_in_tree_hides_result(self):
+        nested_data, nested = random_blob(100_000)
+        await self.store.put(nested, nested_data)
+        directory = re_pb2.Directory(
+            files=[re_pb2.FileNode(name="nested.o", digest=_proto(nested))]
+        )
+        tree_data = re_pb2.Tree(root=directory).SerializeToString()
+        tree = Digest.of(tree_data)
+        self.clock.advance(1)
+        await self.store.put(tree, tree_data)
+        result = re_pb2.ActionResult(
+            output_directories=[re_pb2.OutputDirectory(path="out", tree_digest=_proto(tree))]
+        )
+        await self.cache.put(INSTANCE, self.action, result)
+        self.assertEqual(await self.cache.get(INSTANCE, self.action), result)
+        pinned = await self.store.pin([tree])
+
+        for _ in range(12):
+            self.clock.advance(1)
+            data, digest = random_blob(100_000)
+            await self.store.put(digest, data)
+
+        self.assertEqual(await self.store.find_missing([tree, nested]), [nested])
+        with self.assertRaises(NotFoundError):
+            await self.cache.get(INSTANCE, self.action)
+        self.store.unpin(pinned)

@@ -2,45 +2,51 @@
 
 import os
 import threading
+import time
 
 import lmdb
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from bgrid.errors import ResourceExhaustedError, UnavailableError
-from bgrid.storage.environment import MAX_BATCH_OPERATIONS, LmdbEnvironment
+from bgrid.storage.environment import (
+    MAX_BATCH_OPERATIONS,
+    LmdbEnvironment,
+)
 from tests.util import make_temp_dir
 
 DATABASE = b"test"
 
 
 class _CommitFailingTransaction:
-    """A top-level write transaction whose commit fails as if the map were full."""
+    """A top-level write transaction whose commit fails with ``error``."""
 
-    def __init__(self, txn):
+    def __init__(self, txn, error):
         self._txn = txn
+        self._error = error
 
     def __enter__(self):
         return self._txn.__enter__()
 
     def __exit__(self, *exc_info):
         self._txn.abort()
-        raise lmdb.MapFullError("simulated failure of a group commit")
+        raise self._error
 
 
 class _FirstGroupCommitFails:
     """An ``lmdb.Environment`` stand-in whose first top-level write transaction fails to
-    commit, for the retry path that a real map rarely reaches."""
+    commit with ``error``, for the retry paths that a real map rarely reaches."""
 
-    def __init__(self, env):
+    def __init__(self, env, error):
         self._env = env
+        self._error = error
         self.failed_commits = 0
 
     def begin(self, write=False, parent=None, **kwargs):
         txn = self._env.begin(write=write, parent=parent, **kwargs)
         if write and parent is None and self.failed_commits == 0:
             self.failed_commits += 1
-            return _CommitFailingTransaction(txn)
+            return _CommitFailingTransaction(txn, self._error)
         return txn
 
     def __getattr__(self, name):
@@ -150,7 +156,9 @@ class LmdbEnvironmentTests(unittest.TestCase):
 
     async def test_failed_group_commit_retries_each_write(self):
         self.start()
-        failing_env = _FirstGroupCommitFails(self.environment._env)
+        failing_env = _FirstGroupCommitFails(
+            self.environment._env, lmdb.DiskError("simulated failure of a group commit")
+        )
         self.environment._env = failing_env
 
         results = await defer.gatherResults(
@@ -172,7 +180,7 @@ class LmdbEnvironmentTests(unittest.TestCase):
             await self.environment.write(self.put_operation(b"big", b"x" * (1 << 20)))
 
         self.assertIn("262144 bytes", caught.exception.message)
-        self.assertIn("map_size", caught.exception.message)
+        self.assertIn("--map-size", caught.exception.message)
         await self.environment.write(self.put_operation(b"small", b"y"))
         self.assertEqual(await self.get(b"small"), b"y")
 
@@ -207,3 +215,162 @@ class LmdbEnvironmentTests(unittest.TestCase):
 
         with self.assertRaises(lmdb.Error):
             await self.environment.write(put_empty_key)
+
+
+def _wait_until(condition, timeout=10.0):
+    """Poll ``condition`` from the test thread until it holds; fail after ``timeout``
+    seconds. Used only to observe the writer thread, which the clock cannot drive."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} seconds")
+        time.sleep(0.005)
+
+
+class LmdbEnvironmentMapFullTests(unittest.TestCase):
+    """A full map: growth up to the maximum, the gate that keeps transactions out of a
+    resize, and the reclaimer that frees space at the maximum."""
+
+    def setUp(self):
+        self.path = os.path.join(make_temp_dir(self), "lmdb")
+
+    def start(self, map_size, max_map_size=None):
+        self.environment = LmdbEnvironment(
+            self.path, [DATABASE], map_size=map_size, max_map_size=max_map_size
+        )
+        self.environment.start()
+        self.addCleanup(self.environment.stop)
+        self.db = self.environment.database(DATABASE)
+
+    def put_operation(self, key, value):
+        def put(txn):
+            txn.put(key, value, db=self.db)
+            return key
+
+        return put
+
+    async def get(self, key):
+        return await self.environment.read(_get, self.db, key)
+
+    async def test_full_map_grows(self):
+        self.start(256 * 1024, max_map_size=64 << 20)
+        value = os.urandom(4 << 20)
+
+        await self.environment.write(self.put_operation(b"big", value))
+
+        self.assertEqual(await self.get(b"big"), value)
+        self.assertGreater(self.environment.map_size, 4 << 20)
+        self.assertLessEqual(self.environment.map_size, 64 << 20)
+
+    async def test_growth_stops_at_maximum(self):
+        self.start(256 * 1024, max_map_size=2 << 20)
+
+        with self.assertRaises(ResourceExhaustedError) as caught:
+            await self.environment.write(self.put_operation(b"big", b"x" * (4 << 20)))
+
+        self.assertEqual(self.environment.map_size, 2 << 20)
+        self.assertIn(f"{2 << 20} bytes", caught.exception.message)
+        await self.environment.write(self.put_operation(b"small", b"y"))
+        self.assertEqual(await self.get(b"small"), b"y")
+
+    async def test_growth_waits_for_active_reads(self):
+        self.start(256 * 1024, max_map_size=64 << 20)
+        entered = threading.Event()
+        release = threading.Event()
+
+        def blocking_read(txn):
+            entered.set()
+            release.wait(10)
+            return txn.get(b"absent", db=self.db)
+
+        reading = self.environment.read(blocking_read)
+        self.assertTrue(entered.wait(10))
+        writing = self.environment.write(self.put_operation(b"big", b"z" * (2 << 20)))
+
+        _wait_until(lambda: self.environment._gate._resizing)
+        self.assertEqual(self.environment.map_size, 256 * 1024)
+        self.assertFalse(writing.called)
+        release.set()
+
+        self.assertIsNone(await reading)
+        self.assertEqual(await writing, b"big")
+        self.assertGreater(self.environment.map_size, 2 << 20)
+
+    async def test_reads_during_growth_see_committed_data(self):
+        self.start(256 * 1024, max_map_size=256 << 20)
+        values = {b"%03d" % number: os.urandom(200_000) for number in range(60)}
+
+        writes = []
+        reads = []
+        for key, value in values.items():
+            writes.append(self.environment.write(self.put_operation(key, value)))
+            reads.append(self.environment.read(_get, self.db, key))
+        await defer.gatherResults(writes)
+        read_values = await defer.gatherResults(reads)
+
+        for key, read_value in zip(values, read_values):
+            self.assertIn(read_value, (None, values[key]), f"key {key!r}")
+        for key, value in values.items():
+            self.assertEqual(await self.get(key), value, f"key {key!r}")
+        self.assertGreater(self.environment.map_size, 256 * 1024)
+
+    async def test_group_commit_on_full_map_retried_after_growth(self):
+        self.start(256 * 1024, max_map_size=64 << 20)
+        failing_env = _FirstGroupCommitFails(
+            self.environment._env, lmdb.MapFullError("simulated full map at commit")
+        )
+        self.environment._env = failing_env
+
+        results = await defer.gatherResults(
+            self.environment.write_many(
+                [self.put_operation(b"a", b"1"), self.put_operation(b"b", b"2")]
+            )
+        )
+
+        self.assertEqual(failing_env.failed_commits, 1)
+        self.assertEqual(results, [b"a", b"b"])
+        self.assertEqual(self.environment.map_size, 512 * 1024)
+        self.assertEqual(await self.get(b"b"), b"2")
+
+    async def test_reclaimer_frees_space_at_maximum(self):
+        self.start(2 << 20)
+        reclaims = []
+        committed = []
+
+        def reclaim(txn, target_bytes):
+            reclaims.append((threading.current_thread(), target_bytes))
+            freed = 0
+            with txn.cursor(db=self.db) as cursor:
+                keys = [bytes(key) for key in cursor.iternext(values=False)]
+            for key in keys:
+                freed += len(txn.get(key, db=self.db))
+                txn.delete(key, db=self.db)
+                if freed >= target_bytes:
+                    break
+            return freed, lambda: committed.append(threading.current_thread())
+
+        self.environment.set_space_reclaimer(reclaim)
+
+        for number in range(12):
+            await self.environment.write(self.put_operation(b"%02d" % number, b"v" * 400_000))
+
+        self.assertGreater(len(reclaims), 0)
+        self.assertNotEqual(reclaims[0][0], threading.main_thread())
+        self.assertEqual(committed, [threading.main_thread()] * len(reclaims))
+        self.assertEqual(await self.get(b"11"), b"v" * 400_000)
+        self.assertIsNone(await self.get(b"00"))
+
+    async def test_reclaimer_freeing_nothing(self):
+        self.start(1 << 20)
+        calls = []
+
+        def reclaim(txn, target_bytes):
+            calls.append(target_bytes)
+            return 0, None
+
+        self.environment.set_space_reclaimer(reclaim)
+
+        with self.assertRaises(ResourceExhaustedError):
+            await self.environment.write(self.put_operation(b"big", b"x" * (2 << 20)))
+
+        self.assertEqual(calls, [(1 << 20) // 16])

@@ -231,17 +231,18 @@ class LmdbBlobStoreMapFullTests(unittest.TestCase):
         self.stack = await start_storage(self, map_size=512 * 1024)
         self.store = self.stack.blob_store
 
-    async def test_put_beyond_map_size(self):
+    async def test_blob_larger_than_map_rejected(self):
         data, digest = random_blob(MiB)
 
         with self.assertRaises(ResourceExhaustedError) as caught:
             await self.store.put(digest, data)
 
+        self.assertIn(f"{MiB} bytes", caught.exception.message)
         self.assertIn("524288 bytes", caught.exception.message)
-        self.assertIn("map_size", caught.exception.message)
+        self.assertIn("--map-size", caught.exception.message)
         self.assertEqual(await self.store.find_missing([digest]), [digest])
 
-    async def test_store_usable_after_map_full(self):
+    async def test_store_usable_after_rejection(self):
         large_data, large = random_blob(MiB)
         small_data, small = random_blob(1000)
         results = await self.store.put_many([(large, large_data), (small, small_data)])
@@ -261,6 +262,7 @@ class LmdbBlobStoreMapFullTests(unittest.TestCase):
 
         with self.assertRaises(ResourceExhaustedError):
             await writer.write(data)
+        with self.assertRaises(ResourceExhaustedError):
             await writer.commit()
 
         await writer.abort()
