@@ -2,8 +2,8 @@
 
 ``BotApiMixin`` is a base class of ``Scheduler`` and works on the records and indexes that
 ``Scheduler.__init__`` creates: ``_jobs``, ``_sessions``, ``_leases``,
-``_session_by_bot_id``, ``_queue``, ``_idle_bots``, ``_polls`` and ``_keepalive_timers``,
-and logs through ``Scheduler.log``. It calls back into the job side through
+``_session_by_bot_id``, ``_queue``, ``_idle_bots``, ``_polls``, ``_keepalive_timers`` and
+``_journal``, and logs through ``Scheduler.log``. It calls back into the job side through
 ``_set_job_stage``, ``_handle_result``, ``_complete_job`` and ``_dispatch_job``.
 """
 
@@ -25,6 +25,7 @@ from bgrid.scheduler.job import (
 )
 from bgrid.scheduler.lease import Lease, LeaseTransitionError, state_name
 from bgrid.scheduler.platform import worker_properties
+from bgrid.scheduler.store import BOT_SESSIONS, JOBS, LEASES
 
 # At most this many ignored lease ids are remembered per session to log each only once.
 _MAX_IGNORED_LEASES_LOGGED = 100
@@ -88,6 +89,7 @@ class BotApiMixin:
             self._clock.seconds(),
         )
         self._sessions[session.name] = session
+        self._journal.changed(BOT_SESSIONS, session.name)
         self._session_by_bot_id[bot_id] = session.name
         self.log.info(
             "Opened bot session {session_name} for bot {bot_id} with properties {properties}",
@@ -105,9 +107,10 @@ class BotApiMixin:
         session does not hold are ignored. An ACTIVE lease that the bot leaves out is lost,
         and its job is requeued. The Deferred fires at once when the bot has news (a new or
         cancelled lease). Otherwise it fires when news arrives, or at ``deadline`` (a time of
-        the clock) or after ``max_long_poll``, whichever comes first. Cancelling it ends the
-        wait. It fails with NotFoundError for an unknown or closed session and with
-        InvalidArgumentError when ``bot_session`` names another session or bot.
+        the clock) or after ``max_long_poll``, whichever comes first. Either way it fires
+        only once the session's state is durable. Cancelling it ends the wait. It fails with
+        NotFoundError for an unknown or closed session and with InvalidArgumentError when
+        ``bot_session`` names another session or bot.
         """
         session = self._sessions.get(name)
         if session is None:
@@ -127,6 +130,7 @@ class BotApiMixin:
         session.status = bot_session.status
         if properties is not None:
             session.update_worker(bot_session.worker, properties)
+        self._journal.changed(BOT_SESSIONS, name)
 
         try:
             bot_missed_lease = self._apply_lease_reports(session, bot_session.leases)
@@ -136,8 +140,14 @@ class BotApiMixin:
             return defer.fail(error)
         self._fill_session(session)
         if session.has_news or bot_missed_lease:
-            return defer.succeed(self._respond(session))
-        return self._wait_for_news(session, deadline)
+            responding = defer.succeed(self._respond(session))
+        else:
+            responding = self._wait_for_news(session, deadline)
+        return responding.addCallback(self._when_durable)
+
+    def _when_durable(self, message):
+        """Return a Deferred firing with ``message`` once the state it shows is durable."""
+        return self._journal.durable().addCallback(lambda _: message)
 
     def _validate_update(self, session, bot_session):
         """Check an UpdateBotSession against its session and return new properties or None.
@@ -173,6 +183,9 @@ class BotApiMixin:
         job.lease_id = lease.lease_id
         session.lease_id = lease.lease_id
         session.has_news = True
+        self._journal.changed(LEASES, lease.lease_id)
+        self._journal.changed(JOBS, job.job_id)
+        self._journal.changed(BOT_SESSIONS, session.name)
         self._idle_bots.discard(session.name)
         self.log.info(
             "Leased job {job_id} to bot {bot_id} as lease {lease_id} (session {session_name})",
@@ -266,10 +279,12 @@ class BotApiMixin:
         session = self._sessions.get(lease.session_name)
         if session is not None:
             session.has_news = True
+            self._journal.changed(BOT_SESSIONS, session.name)
             self._end_poll(session.name)
 
     def _start_lease(self, session, lease):
         lease.acknowledge()
+        self._journal.changed(LEASES, lease.lease_id)
         job = self._jobs[lease.job_id]
         self.log.info(
             "Bot {bot_id} started job {job_id} under lease {lease_id}",
@@ -283,6 +298,7 @@ class BotApiMixin:
         lease.complete()
         job = self._jobs[lease.job_id]
         job.lease_id = None
+        self._journal.changed(JOBS, job.job_id)
         self._drop_lease(session, lease)
         response = response_from_lease(reported, session.bot_id, job.queued_time)
         self.log.info(
@@ -296,8 +312,10 @@ class BotApiMixin:
 
     def _drop_lease(self, session, lease):
         del self._leases[lease.lease_id]
+        self._journal.changed(LEASES, lease.lease_id)
         if session is not None and session.lease_id == lease.lease_id:
             session.lease_id = None
+            self._journal.changed(BOT_SESSIONS, session.name)
 
     def _requeue_lease(self, lease, reason):
         """Take a lost lease back from its bot and requeue its job, or fail the job."""
@@ -306,6 +324,7 @@ class BotApiMixin:
         job = self._jobs[lease.job_id]
         job.lease_id = None
         job.retries += 1
+        self._journal.changed(JOBS, job.job_id)
 
         if job.retries > self._max_job_retries:
             self.log.error(
@@ -337,6 +356,7 @@ class BotApiMixin:
 
     def _close_session(self, name, reason):
         session = self._sessions.pop(name)
+        self._journal.changed(BOT_SESSIONS, name)
         if self._session_by_bot_id.get(session.bot_id) == name:
             del self._session_by_bot_id[session.bot_id]
         self._stop_keepalive(name)
@@ -422,7 +442,9 @@ class BotApiMixin:
         leases = []
         if session.lease_id is not None:
             leases.append(self._lease_proto(self._leases[session.lease_id]))
-        session.has_news = False
+        if session.has_news:
+            session.has_news = False
+            self._journal.changed(BOT_SESSIONS, session.name)
         self._start_keepalive(session.name)
         expire_time = _timestamp(self._clock.seconds() + self._bot_keepalive_timeout)
         return session.to_proto(leases, expire_time)

@@ -87,7 +87,8 @@ class Job:
     requeued job goes back to its original place. ``retries`` counts the leases lost to bots
     that went away. ``lease_id`` is the current lease or None. ``response`` is the final
     ``ExecuteResponse`` once ``stage`` is COMPLETED. ``finishing`` is True while the result
-    handler processes the bot's result.
+    handler processes ``reported_response``, the ``ExecuteResponse`` built from the bot's
+    report.
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class Job:
         self.lease_id = None
         self.retries = 0
         self.finishing = False
+        self.reported_response = None
         self.response = None
         self.operation_names = []
 

@@ -4,8 +4,10 @@ The gRPC servicers call it and map its ``bgrid.errors`` exceptions to statuses. 
 only on the reactor thread, so it needs no locks, and every deadline is a ``callLater`` on
 the injected ``IReactorTime``. All state changes go through the private methods below
 ``# State changes`` here and in ``bot_api``. They change records that contain only
-strings, numbers, digests and protobuf messages. The queue and the other indexes can be
-rebuilt from those records. Timers, long polls and watches belong to the running process.
+strings, numbers, digests and protobuf messages, and report each changed record to the
+journal, which commits them to the store (see ``persistence``). The queue and the other
+indexes are rebuilt from those records. Timers, long polls and watches belong to the
+running process.
 """
 
 import uuid
@@ -31,19 +33,22 @@ from bgrid.scheduler.job import (
     error_response,
     new_operation_name,
 )
+from bgrid.scheduler.journal import Journal, NullJournal
 from bgrid.scheduler.listing import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     OperationIndex,
     decode_page_token,
 )
+from bgrid.scheduler.persistence import PersistenceMixin
 from bgrid.scheduler.platform import normalize_properties
 from bgrid.scheduler.queue import JobQueue
 from bgrid.scheduler.retention import RetentionQueue
+from bgrid.scheduler.store import JOBS, LEASES, META, META_NAME, OPERATIONS
 from bgrid.scheduler.watch import WatchRegistry
 
 
-class Scheduler(BotApiMixin):
+class Scheduler(PersistenceMixin, BotApiMixin):
     """Queues actions, leases them to bots and reports their progress as operations.
 
     ``clock`` is an ``IReactorTime``, and all durations are in seconds of it.
@@ -56,6 +61,13 @@ class Scheduler(BotApiMixin):
     ``max_long_poll``. A job whose lease is lost more than ``max_job_retries`` times
     completes with UNAVAILABLE. Done operations are forgotten ``operation_retention`` after
     they complete.
+
+    ``store`` is an ``ISchedulerStore`` that makes the state survive a restart, or None to
+    keep it in memory only. With a store, call ``recover`` before anything else, and send
+    no message built from the scheduler's state (an operation, a bot session) before a
+    ``durable()`` Deferred requested after it was built has fired. Watches and
+    ``update_bot_session`` wait for that themselves. The store keeps clock times, so the
+    clock must count from the same epoch across restarts, as the reactor's clock does.
     """
 
     log = Logger()
@@ -69,6 +81,7 @@ class Scheduler(BotApiMixin):
         max_long_poll=20.0,
         max_job_retries=3,
         operation_retention=3600.0,
+        store=None,
     ):
         for option, value in [
             ("bot_keepalive_timeout", bot_keepalive_timeout),
@@ -87,6 +100,11 @@ class Scheduler(BotApiMixin):
         self._max_job_retries = max_job_retries
         self._operation_retention = operation_retention
         self._stopping = False
+        self._store = store
+        if store is None:
+            self._journal = NullJournal()
+        else:
+            self._journal = Journal(store, clock, self._encode_record)
 
         # Records: the state to be made durable.
         self._jobs = {}
@@ -106,7 +124,7 @@ class Scheduler(BotApiMixin):
         self._polls = {}
         self._keepalive_timers = {}
         self._retention = RetentionQueue(clock, operation_retention, self._expire_operation)
-        self._watches = WatchRegistry()
+        self._watches = WatchRegistry(self._journal.durable)
         self._ignored_leases_logged = {}
 
     # Execution and operations API
@@ -253,9 +271,11 @@ class Scheduler(BotApiMixin):
         }
 
     def stop(self):
-        """Return every long poll, fail every watch and cancel every timer.
+        """Return every long poll, fail every watch, cancel every timer and write the records.
 
-        Call it when the server stops. Records are kept as they are.
+        Call it when the server stops, before the store closes. Records are kept as they
+        are. Returns a Deferred firing with None once the last changes are committed or
+        their commit failed, which is logged.
         """
         self._stopping = True
         for name in list(self._polls):
@@ -274,6 +294,7 @@ class Scheduler(BotApiMixin):
             queued=len(self._queue),
             sessions=len(self._sessions),
         )
+        return self._journal.stop()
 
     # Lookups and validation
 
@@ -291,6 +312,7 @@ class Scheduler(BotApiMixin):
     def _take_sequence(self):
         sequence = self._next_sequence
         self._next_sequence += 1
+        self._journal.changed(META, META_NAME)
         return sequence
 
     # State changes: jobs and operations
@@ -309,23 +331,27 @@ class Scheduler(BotApiMixin):
             queued_time=self._clock.seconds(),
         )
         self._jobs[job.job_id] = job
+        self._journal.changed(JOBS, job.job_id)
         if not do_not_cache:
             self._unfinished_jobs[job.dedup_key] = job.job_id
         return job
 
     def _raise_priority(self, job, priority):
         job.priority = priority
+        self._journal.changed(JOBS, job.job_id)
         if job.job_id in self._queue:
             self._queue.reprioritize(job.job_id, priority)
 
     def _add_operation(self, operation):
         self._operations[operation.name] = operation
+        self._journal.changed(OPERATIONS, operation.name)
         self._operation_index.add(operation.instance_name, operation.sequence, operation.name)
 
     def _complete_operation(self, operation, response):
         operation.response = response
         operation.stage = COMPLETED
         operation.completed_time = self._clock.seconds()
+        self._journal.changed(OPERATIONS, operation.name)
         if not self._stopping:
             self._retention.add(operation.name, operation.completed_time)
         self._watches.publish(operation)
@@ -339,6 +365,7 @@ class Scheduler(BotApiMixin):
 
     def _forget_operation(self, name):
         operation = self._operations.pop(name)
+        self._journal.changed(OPERATIONS, name)
         self._operation_index.remove(operation.instance_name, operation.sequence)
         job = self._jobs.get(operation.job_id)
         if job is not None:
@@ -348,6 +375,7 @@ class Scheduler(BotApiMixin):
     def _delete_job_if_unused(self, job):
         if job.done and not job.operation_names:
             del self._jobs[job.job_id]
+            self._journal.changed(JOBS, job.job_id)
 
     def _forget_unfinished(self, job):
         if self._unfinished_jobs.get(job.dedup_key) == job.job_id:
@@ -355,6 +383,8 @@ class Scheduler(BotApiMixin):
 
     def _set_job_stage(self, job, stage):
         job.stage = stage
+        # Reported before the watches hear of it, so their durable() wait includes it.
+        self._journal.changed(JOBS, job.job_id)
         for name in job.operation_names:
             operation = self._operations[name]
             if not operation.done:
@@ -373,8 +403,14 @@ class Scheduler(BotApiMixin):
         self._end_poll(session_name)
 
     def _handle_result(self, job, response):
-        """Pass a bot's result through the result handler, then complete the job."""
+        """Pass a bot's result through the result handler, then complete the job.
+
+        The result is stored in the job until the job completes, so that after a restart
+        ``recover`` passes it to the handler again.
+        """
         job.finishing = True
+        job.reported_response = response
+        self._journal.changed(JOBS, job.job_id)
         if self._result_handler is None:
             self._complete_job(job.job_id, response)
             return
@@ -414,7 +450,9 @@ class Scheduler(BotApiMixin):
             return
         job.stage = COMPLETED
         job.finishing = False
+        job.reported_response = None
         job.response = response
+        self._journal.changed(JOBS, job_id)
         self._forget_unfinished(job)
         self.log.info(
             "Completed job {job_id} with status {code} for operations {operation_names}",
@@ -438,6 +476,7 @@ class Scheduler(BotApiMixin):
         if lease is not None:
             # First, so that an illegal transition raises before anything has changed.
             lease.cancel()
+            self._journal.changed(LEASES, lease.lease_id)
         self._forget_unfinished(job)
         self._queue.remove(job.job_id)
         job.lease_id = None
@@ -445,6 +484,7 @@ class Scheduler(BotApiMixin):
         job.response = error_response(
             code_pb2.CANCELLED, f"job {job.job_id} was cancelled by all of its operations"
         )
+        self._journal.changed(JOBS, job.job_id)
         self._delete_job_if_unused(job)
         if lease is not None:
             self._send_cancellation(lease)

@@ -9,9 +9,9 @@ class OperationWatch:
     Call ``next`` in a loop: the first call fires at once with the current Operation
     message, and each later call fires when the stage changes or the operation completes.
     Changes that happen between two calls are merged, so the watcher always gets the latest
-    state but may skip a stage it was too slow to see. Once the done operation was sent,
-    ``next`` fires with None. The messages are shared between watchers and must not be
-    modified.
+    state but may skip a stage it was too slow to see. A message is delivered only once the
+    state it shows is durable. Once the done operation was sent, ``next`` fires with None.
+    The messages are shared between watchers and must not be modified.
     """
 
     def __init__(self, registry, operation):
@@ -40,9 +40,9 @@ class OperationWatch:
         if self._closed or self._sent_done():
             return defer.succeed(None)
         if self._latest_key != self._sent_key:
-            return defer.succeed(self._take_latest())
+            return self._when_durable(self._take_latest())
         self._pending = defer.Deferred(canceller=self._forget_pending)
-        return self._pending
+        return self._pending.addCallback(self._when_durable)
 
     def close(self):
         """Stop watching, for a client that went away. Safe to call more than once."""
@@ -54,6 +54,11 @@ class OperationWatch:
 
     def _sent_done(self):
         return self._sent_key is not None and self._sent_key[1]
+
+    def _when_durable(self, message):
+        if message is None:
+            return None
+        return self._registry.durable().addCallback(lambda _: message)
 
     def _take_latest(self):
         self._sent_key = self._latest_key
@@ -82,10 +87,15 @@ class OperationWatch:
 
 
 class WatchRegistry:
-    """The open watches of each operation, which the scheduler notifies of changes."""
+    """The open watches of each operation, which the scheduler notifies of changes.
 
-    def __init__(self):
+    ``durable()`` returns a Deferred that fires once every state change made so far is
+    durable, and each message waits for one requested after the message was built.
+    """
+
+    def __init__(self, durable=None):
         self._watches = {}
+        self.durable = durable if durable is not None else (lambda: defer.succeed(None))
 
     def add(self, operation):
         """Return a new watch of an operation record.

@@ -1,4 +1,5 @@
-"""Builders of scheduler inputs and a test bot that drives the Bots API of a Scheduler."""
+"""Builders of scheduler inputs, a test bot that drives the Bots API of a Scheduler, and a
+scheduler over LMDB that a test can crash and restart."""
 
 import math
 
@@ -11,6 +12,12 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, worker_pb2
 from bgrid.digest import Digest
 from bgrid.scheduler import Scheduler
+from bgrid.scheduler.store import LmdbSchedulerStore
+from bgrid.storage.environment import LmdbEnvironment
+from tests.util import make_temp_dir
+
+# Enough for every test here, and small enough that a temporary directory never grows large.
+TEST_MAP_SIZE = 64 * 2**20
 
 
 def make_scheduler(test_case, **options):
@@ -146,3 +153,71 @@ class BotClient:
         action = re_pb2.Action()
         assert self.lease.payload.Unpack(action)
         return action
+
+
+class RestartableScheduler:
+    """A Scheduler over an LMDB environment in a temporary directory, which a test can crash
+    and start again on the same directory.
+
+    ``scheduler``, ``clock``, ``store`` and ``environment`` are those of the current run.
+    Each run has a new ``task.Clock`` that starts at the time the previous clock reached,
+    as the wall clock would. ``options`` are passed to every Scheduler.
+    """
+
+    def __init__(self, test_case, **options):
+        self.path = make_temp_dir(test_case)
+        self.options = options
+        self.scheduler = None
+        self.clock = None
+        self.store = None
+        self.environment = None
+        test_case.addCleanup(self._close)
+
+    async def start(self, **options):
+        """Open the environment, build a scheduler and recover it; return the scheduler.
+
+        ``options`` override the options given at construction for this run.
+        """
+        self.environment = LmdbEnvironment(
+            self.path, LmdbSchedulerStore.DATABASE_NAMES, map_size=TEST_MAP_SIZE
+        )
+        self.environment.start()
+        now = self.clock.seconds() if self.clock is not None else 0
+        self.clock = task.Clock()
+        self.clock.advance(now)
+        self.store = LmdbSchedulerStore(self.environment)
+        self.scheduler = Scheduler(self.clock, store=self.store, **{**self.options, **options})
+        await self.scheduler.recover()
+        return self.scheduler
+
+    async def crash(self):
+        """Drop the scheduler without stopping it, as ``kill -9`` would, and close LMDB.
+
+        Changes that the journal has not handed to the environment yet are lost, because
+        the write is a call on the dropped clock. Writes handed over already are committed
+        while the environment closes, as if the crash came just after their commit.
+        """
+        self.scheduler = None
+        await self.environment.stop()
+
+    async def restart(self, **options):
+        """Crash, then start again; return the new scheduler."""
+        await self.crash()
+        return await self.start(**options)
+
+    async def settle(self, deferred=None):
+        """Run the journal's scheduled write and return the result of ``deferred``.
+
+        ``deferred`` defaults to ``scheduler.durable()``, so that the call waits until
+        every change so far is committed.
+        """
+        if deferred is None:
+            deferred = self.scheduler.durable()
+        self.clock.advance(0)
+        return await deferred
+
+    async def _close(self):
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.environment is not None:
+            await self.environment.stop()
