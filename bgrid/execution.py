@@ -5,8 +5,6 @@ action, its command and its whole input tree are in the CAS, hands the action to
 scheduler, and writes a finished job's result to the action cache when it may be cached.
 """
 
-from collections import OrderedDict
-
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2
 from twisted.internet import defer
@@ -16,10 +14,12 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid.digest import Digest
 from bgrid.errors import (
     BlobNotFoundError,
+    CorruptBlobError,
     InvalidArgumentError,
     MissingBlobsError,
     NotFoundError,
 )
+from bgrid.storage.completeness import IncompleteResultError, find_missing_outputs
 
 
 def parse_message(message_class, data, digest, what):
@@ -32,33 +32,6 @@ def parse_message(message_class, data, digest, what):
     return message
 
 
-class CompleteDirectories:
-    """A bounded record of directory digests whose whole subtree was found in the CAS.
-
-    It spares repeated walks of shared input trees (toolchains, common headers).
-    """
-
-    def __init__(self, max_entries=100_000):
-        self._max_entries = max_entries
-        self._entries = OrderedDict()
-
-    def __contains__(self, digest):
-        if digest in self._entries:
-            self._entries.move_to_end(digest)
-            return True
-        return False
-
-    def add_all(self, digests):
-        for digest in digests:
-            self._entries[digest] = None
-            self._entries.move_to_end(digest)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self):
-        self._entries.clear()
-
-
 class ExecutionController:
     """Turns Execute requests into cache hits or scheduled jobs, and results into cache entries."""
 
@@ -68,7 +41,6 @@ class ExecutionController:
         self.blob_store = blob_store
         self.action_cache = action_cache
         self.scheduler = scheduler
-        self.complete_directories = CompleteDirectories()
 
     def execute(self, instance_name, action_digest, skip_cache_lookup=False, priority=0):
         """Start executing an action and return a Deferred firing with its operation name.
@@ -97,8 +69,29 @@ class ExecutionController:
         action = await self._fetch_message(re_pb2.Action, action_digest, "action")
         command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
         input_root_digest = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
-        command = await self._fetch_message(re_pb2.Command, command_digest, "command")
-        await self.check_input_tree(input_root_digest)
+
+        # Report the command and every input blob that is missing together, so the client
+        # can upload them all in one round.
+        missing = []
+        command = None
+        try:
+            command = await self._fetch_message(re_pb2.Command, command_digest, "command")
+        except MissingBlobsError as error:
+            missing.extend(error.digests)
+        input_digests, missing_directories = await self.collect_input_tree(input_root_digest)
+        if missing or missing_directories:
+            missing.extend(missing_directories)
+            missing.extend(await self.blob_store.find_missing(input_digests))
+            raise MissingBlobsError(missing, what="command or input blobs")
+
+        # Pin before the final check, so that nothing found present can be evicted before
+        # a bot has fetched it.
+        needed = [action_digest, command_digest, *input_digests]
+        pin = await self.blob_store.pin(needed)
+        missing = await self.blob_store.find_missing(needed)
+        if missing:
+            self.blob_store.unpin(pin)
+            raise MissingBlobsError(missing, what="input blobs")
 
         platform = action.platform.properties or command.platform.properties
         name = self.scheduler.submit(
@@ -114,7 +107,29 @@ class ExecutionController:
             action_digest=str(action_digest),
             operation=name,
         )
+        self._unpin_when_done(name, pin)
         return name
+
+    def _unpin_when_done(self, operation_name, pin):
+        """Release the input pins of an operation once it is done, however it ends.
+
+        NOTE: pins live in memory, so after a restart the inputs of recovered jobs are not
+        pinned; a bot that finds one evicted reports FAILED_PRECONDITION and the client
+        uploads it again.
+        """
+        watch = self.scheduler.watch_operation(operation_name)
+
+        def release(_=None):
+            watch.close()
+            self.blob_store.unpin(pin)
+
+        def check(operation):
+            if operation is None or operation.done:
+                release()
+            else:
+                watch.next().addCallbacks(check, release)
+
+        watch.next().addCallbacks(check, release)
 
     async def _lookup_cached_result(self, instance_name, action_digest):
         try:
@@ -125,22 +140,23 @@ class ExecutionController:
     async def _fetch_message(self, message_class, digest, what):
         try:
             data = await self.blob_store.get(digest)
-        except BlobNotFoundError:
-            raise MissingBlobsError([digest], what=what)
+        except (BlobNotFoundError, CorruptBlobError):
+            # The store drops a corrupt blob, so the client has to upload it again, as for
+            # a corrupt input directory in collect_input_tree.
+            raise MissingBlobsError([digest], what=what) from None
         return parse_message(message_class, data, digest, what)
 
-    async def check_input_tree(self, root_digest):
-        """Check that every directory and file below ``root_digest`` is in the CAS.
+    async def collect_input_tree(self, root_digest):
+        """Return the digests of every directory and file below ``root_digest``.
 
-        Walks the tree breadth first, one batch read per level. Raises
-        ``MissingBlobsError`` listing every absent blob, or ``InvalidArgumentError`` when a
-        directory does not parse.
+        Walks the tree breadth first, one batch read per level, and returns
+        ``(digests, missing_directories)``: the digests of all directories read and all
+        files they list, and the directories that could not be read. Whether the files are
+        present is left to the caller. Raises ``InvalidArgumentError`` when a directory
+        does not parse or lists an invalid digest.
         """
-        if root_digest in self.complete_directories:
-            return
-
+        digests = []
         missing = []
-        visited = []
         file_digests = set()
         level = [root_digest]
         seen = {root_digest}
@@ -151,27 +167,26 @@ class ExecutionController:
                 if isinstance(data, Exception):
                     missing.append(digest)
                     continue
-                visited.append(digest)
+                digests.append(digest)
                 directory = parse_message(re_pb2.Directory, data, digest, "input directory")
                 for node in directory.files:
                     file_digests.add(Digest.from_proto(node.digest, f"input file {node.name!r}"))
                 for node in directory.directories:
                     child = Digest.from_proto(node.digest, f"input directory {node.name!r}")
-                    if child not in seen and child not in self.complete_directories:
+                    if child not in seen:
                         seen.add(child)
                         next_level.append(child)
             level = next_level
 
-        missing.extend(await self.blob_store.find_missing(sorted(file_digests)))
-        if missing:
-            raise MissingBlobsError(missing, what="input blobs")
-        self.complete_directories.add_all(visited)
+        digests.extend(sorted(file_digests))
+        return digests, missing
 
     def handle_result(self, instance_name, action_digest, action, do_not_cache, response):
         """Write a finished job's result to the action cache when it may be cached.
 
         Only a successful execution (status OK and exit code 0) of an action without
-        ``do_not_cache`` is cached, and only when every blob it refers to is in the CAS.
+        ``do_not_cache`` is cached, and only when every blob it refers to, files inside
+        output Trees included, is in the CAS.
         Returns a Deferred firing with None, since the response goes to clients unchanged.
         """
         return defer.Deferred.fromCoroutine(
@@ -184,11 +199,14 @@ class ExecutionController:
         if response.status.code != code_pb2.OK or response.result.exit_code != 0:
             return None
 
-        missing = await self.blob_store.find_missing(list(referenced_blobs(response.result)))
+        try:
+            missing = await find_missing_outputs(self.blob_store, response.result)
+        except IncompleteResultError as error:
+            missing = [error.digest]
         if missing:
             self.log.warn(
-                "result of action {action_digest} not cached: {count} output blobs are "
-                "missing from the CAS, first {first}",
+                "result of action {action_digest} not cached: {count} output blobs cannot "
+                "be served from the CAS, first {first}",
                 action_digest=str(action_digest),
                 count=len(missing),
                 first=str(missing[0]),
@@ -198,16 +216,3 @@ class ExecutionController:
         await self.action_cache.put(instance_name, action_digest, response.result)
         return None
 
-
-def referenced_blobs(action_result):
-    """Yield the digests an ActionResult refers to directly (not the contents of Trees)."""
-    for output_file in action_result.output_files:
-        yield Digest.from_proto(output_file.digest, f"output file {output_file.path!r}")
-    for output_directory in action_result.output_directories:
-        yield Digest.from_proto(
-            output_directory.tree_digest, f"output directory {output_directory.path!r}"
-        )
-    if action_result.HasField("stdout_digest"):
-        yield Digest.from_proto(action_result.stdout_digest, "stdout_digest")
-    if action_result.HasField("stderr_digest"):
-        yield Digest.from_proto(action_result.stderr_digest, "stderr_digest")

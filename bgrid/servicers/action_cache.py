@@ -2,7 +2,6 @@
 inlined on request, and uploads of results that clients computed themselves."""
 
 from google.protobuf.message import DecodeError
-from twisted.logger import Logger
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc
@@ -16,10 +15,7 @@ from bgrid.errors import (
     MissingBlobsError,
 )
 from bgrid.servicers.base import check_digest_function, unary_handler
-
-# Total bytes of stdout, stderr and output files inlined into one GetActionResult
-# response. Blobs that do not fit are left for the client to download.
-DEFAULT_MAX_INLINE_TOTAL_BYTES = 1024 * 1024
+from bgrid.servicers.inlining import DEFAULT_MAX_INLINE_TOTAL_BYTES, inline_outputs
 
 _MISSING_BLOBS_ADVICE = (
     "blobs (upload the Action, its Command and every output to the CAS before "
@@ -35,8 +31,6 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
     ``stderr_raw`` and ``OutputFile.contents`` into the CAS, and GetActionResult fills
     them only as requested, within ``max_inline_total_bytes``.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -59,7 +53,14 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
         stored = await as_future(self._action_cache.get(instance_name, action_digest))
         result = re_pb2.ActionResult()
         result.CopyFrom(stored)
-        await self._inline_outputs(result, request)
+        await inline_outputs(
+            self._store,
+            result,
+            request.inline_stdout,
+            request.inline_stderr,
+            request.inline_output_files,
+            self._max_inline_total_bytes,
+        )
         return result
 
     @unary_handler
@@ -79,62 +80,6 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
 
         await as_future(self._action_cache.put(instance_name, action_digest, result))
         return result
-
-    async def _inline_outputs(self, result, request):
-        """Fill the inline fields that ``request`` names, within the byte budget.
-
-        Inline data already in the stored result is dropped first where a digest lets the
-        client download it, because REAPI tells servers not to inline data nobody requested.
-        """
-        if result.HasField("stdout_digest"):
-            result.ClearField("stdout_raw")
-        if result.HasField("stderr_digest"):
-            result.ClearField("stderr_raw")
-        for output_file in result.output_files:
-            output_file.ClearField("contents")
-
-        requested = []
-        if request.inline_stdout and result.HasField("stdout_digest"):
-            requested.append((result.stdout_digest, _setter(result, "stdout_raw")))
-        if request.inline_stderr and result.HasField("stderr_digest"):
-            requested.append((result.stderr_digest, _setter(result, "stderr_raw")))
-        inline_paths = set(request.inline_output_files)
-        for output_file in result.output_files:
-            if output_file.path in inline_paths:
-                requested.append((output_file.digest, _setter(output_file, "contents")))
-
-        digests = []
-        setters = []
-        budget = self._max_inline_total_bytes
-        for proto, setter in requested:
-            try:
-                digest = Digest.from_proto(proto)
-            except InvalidArgumentError as error:
-                # UpdateActionResult validates digests, but the execution service stores
-                # results too. An output with an invalid digest is not inlined.
-                self.log.warn(
-                    "not inlining an output of an action result: {error}", error=error.message
-                )
-                continue
-            if digest.size_bytes == 0 or digest.size_bytes > budget:
-                continue
-            budget -= digest.size_bytes
-            digests.append(digest)
-            setters.append(setter)
-        if not digests:
-            return
-
-        blobs = await as_future(self._store.get_many(digests))
-        for digest, setter, blob in zip(digests, setters, blobs):
-            if isinstance(blob, BaseException):
-                # The client can still download the blob by digest, or learn it is gone.
-                self.log.warn(
-                    "not inlining blob {digest} into an action result: {error}",
-                    digest=str(digest),
-                    error=blob,
-                )
-                continue
-            setter(blob)
 
     async def _store_inline_blobs(self, inline_blobs):
         outcomes = await as_future(self._store.put_many(inline_blobs))
@@ -163,13 +108,6 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
         missing = await as_future(self._store.find_missing([command_digest, *referenced]))
         if missing:
             raise MissingBlobsError(missing, what=_MISSING_BLOBS_ADVICE)
-
-
-def _setter(message, field):
-    def set_field(value):
-        setattr(message, field, value)
-
-    return set_field
 
 
 def _collect_result_blobs(result):

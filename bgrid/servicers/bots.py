@@ -20,7 +20,10 @@ class BotsServicer(bots_pb2_grpc.BotsServicer):
     @unary_handler
     async def CreateBotSession(self, request, context):
         parent = self.instance_names.check(request.parent, field="parent")
-        return self.scheduler.create_bot_session(parent, request.bot_session)
+        bot_session = self.scheduler.create_bot_session(parent, request.bot_session)
+        # The session may carry a lease, which must be on disk before the bot sees it.
+        await as_future(self.scheduler.durable())
+        return bot_session
 
     @unary_handler
     async def UpdateBotSession(self, request, context):

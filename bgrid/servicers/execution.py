@@ -2,6 +2,7 @@
 
 import asyncio
 
+from google.longrunning import operations_pb2
 from twisted.logger import Logger
 
 from bgrid._protos.build.bazel.remote.execution.v2 import (
@@ -11,6 +12,7 @@ from bgrid._protos.build.bazel.remote.execution.v2 import (
 from bgrid.bridge import as_future
 from bgrid.digest import Digest
 from bgrid.servicers.base import check_digest_function, stream_handler
+from bgrid.servicers.inlining import DEFAULT_MAX_INLINE_TOTAL_BYTES, inline_outputs
 
 # An Execute stream with no news re-sends the operation this often, in seconds, so clients
 # and proxies that time out idle streams keep waiting for long actions.
@@ -45,14 +47,26 @@ async def stream_operation(scheduler, name, keepalive_interval=KEEPALIVE_INTERVA
 
 
 class ExecutionServicer(re_pb2_grpc.ExecutionServicer):
-    """Serves Execute and WaitExecution for the configured instance names."""
+    """Serves Execute and WaitExecution for the configured instance names.
+
+    Execute inlines the outputs that its request names into the done operation's result,
+    reading them from ``controller.blob_store`` within ``max_inline_total_bytes``.
+    WaitExecution has no inline hints and sends results as stored.
+    """
 
     log = Logger()
 
-    def __init__(self, instance_names, controller, scheduler):
+    def __init__(
+        self,
+        instance_names,
+        controller,
+        scheduler,
+        max_inline_total_bytes=DEFAULT_MAX_INLINE_TOTAL_BYTES,
+    ):
         self.instance_names = instance_names
         self.controller = controller
         self.scheduler = scheduler
+        self.max_inline_total_bytes = max_inline_total_bytes
 
     @stream_handler
     async def Execute(self, request, context):
@@ -69,9 +83,33 @@ class ExecutionServicer(re_pb2_grpc.ExecutionServicer):
             )
         )
         async for operation in stream_operation(self.scheduler, name):
+            if operation.done:
+                operation = await self._inline_outputs(operation, request)
             yield operation
 
     @stream_handler
     async def WaitExecution(self, request, context):
         async for operation in stream_operation(self.scheduler, request.name):
             yield operation
+
+    async def _inline_outputs(self, operation, request):
+        """Return a copy of the done ``operation`` with the outputs ``request`` names inlined.
+
+        The scheduler shares its Operation messages between watchers, so the original is
+        left as it is.
+        """
+        response = re_pb2.ExecuteResponse()
+        if not operation.response.Unpack(response) or not response.HasField("result"):
+            return operation
+        await inline_outputs(
+            self.controller.blob_store,
+            response.result,
+            request.inline_stdout,
+            request.inline_stderr,
+            request.inline_output_files,
+            self.max_inline_total_bytes,
+        )
+        inlined = operations_pb2.Operation()
+        inlined.CopyFrom(operation)
+        inlined.response.Pack(response)
+        return inlined

@@ -12,6 +12,10 @@ from bgrid.servicers.base import unary_handler
 # The longest a WaitOperation call waits when it names no timeout, in seconds.
 DEFAULT_WAIT_TIMEOUT = 60.0
 
+# Seconds kept free at the end of a WaitOperation call's deadline, so that the call returns
+# the latest state before the client gives up on it.
+DEADLINE_MARGIN = 1.0
+
 
 class OperationsServicer(operations_grpc_pb2.OperationsServicer):
     """Serves GetOperation, ListOperations, CancelOperation, DeleteOperation and WaitOperation.
@@ -25,7 +29,10 @@ class OperationsServicer(operations_grpc_pb2.OperationsServicer):
 
     @unary_handler
     async def GetOperation(self, request, context):
-        return self.scheduler.get_operation(request.name)
+        operation = self.scheduler.get_operation(request.name)
+        # Show only state that a crash cannot undo.
+        await as_future(self.scheduler.durable())
+        return operation
 
     @unary_handler
     async def ListOperations(self, request, context):
@@ -39,6 +46,7 @@ class OperationsServicer(operations_grpc_pb2.OperationsServicer):
         operations, next_page_token = self.scheduler.list_operations(
             instance_name, request.page_size, request.page_token
         )
+        await as_future(self.scheduler.durable())
         return operations_proto_pb2.ListOperationsResponse(
             operations=operations, next_page_token=next_page_token
         )
@@ -46,11 +54,13 @@ class OperationsServicer(operations_grpc_pb2.OperationsServicer):
     @unary_handler
     async def CancelOperation(self, request, context):
         self.scheduler.cancel_operation(request.name)
+        await as_future(self.scheduler.durable())
         return empty_pb2.Empty()
 
     @unary_handler
     async def DeleteOperation(self, request, context):
         self.scheduler.delete_operation(request.name)
+        await as_future(self.scheduler.durable())
         return empty_pb2.Empty()
 
     @unary_handler
@@ -60,6 +70,11 @@ class OperationsServicer(operations_grpc_pb2.OperationsServicer):
             timeout = request.timeout.ToTimedelta().total_seconds()
             if timeout < 0:
                 raise InvalidArgumentError(f"timeout: invalid value {timeout} s: must not be negative")
+        # google.longrunning: of the request's timeout and the call's deadline, the shorter
+        # one applies.
+        time_remaining = context.time_remaining()
+        if time_remaining is not None:
+            timeout = min(timeout, max(0.0, time_remaining - DEADLINE_MARGIN))
 
         watch = self.scheduler.watch_operation(request.name)
         try:
