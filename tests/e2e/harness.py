@@ -66,14 +66,12 @@ def daemon_command(port, data_dir, log_path):
 
 
 def bot_command(server_address, work_dir, concurrency, name):
-    """Return the argv of a bot process that takes work from the server at ``server_address``.
-
-    ``python -m bgrid.bot.main`` takes the same options as ``bgrid bot``.
-    """
+    """Return the argv of a bot process that takes work from the server at ``server_address``."""
     return [
         sys.executable,
         "-m",
-        "bgrid.bot.main",
+        "bgrid",
+        "bot",
         "--server",
         server_address,
         "--work-dir",

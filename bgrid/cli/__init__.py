@@ -1,0 +1,1 @@
+"""The ``bgrid`` command line: the bot, and REAPI client commands for use without Bazel."""
