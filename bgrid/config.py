@@ -30,6 +30,17 @@ def parse_size(text):
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_fraction(text):
+    """Parse a fraction greater than 0 and at most 1, such as ``0.9``; raise ValueError."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise ValueError(f"invalid fraction {text!r}: expected a number such as 0.9")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"invalid fraction {text!r}: must be greater than 0 and at most 1")
+    return fraction
+
+
 def parse_seconds(text):
     """Parse a non-negative duration in seconds such as ``30`` or ``0.5``; raise ValueError."""
     try:
@@ -54,6 +65,10 @@ class ServerConfig:
     max_batch_size: int = 4 * 2**20
     # LMDB map size in bytes: the most the database file may grow to. It is sparse.
     map_size: int = 2**40
+    # CAS quota: the maximum bytes of stored blobs before least-recently-used ones are evicted.
+    max_cas_size: int = 10 * 2**30
+    # Fraction of max_cas_size that eviction goes down to once the quota is reached.
+    cas_low_watermark: float = 0.9
     # Bot processes the daemon starts and keeps running beside itself.
     local_bots: int = 0
     local_bot_properties: list = dataclasses.field(default_factory=list)

@@ -26,6 +26,7 @@ from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_p
 from bgrid.bridge import as_deferred
 from bgrid.execution import ExecutionController
 from bgrid.scheduler.scheduler import Scheduler
+from bgrid.scheduler.store import LmdbSchedulerStore
 from bgrid.servicers.action_cache import ActionCacheServicer
 from bgrid.servicers.base import InstanceNames
 from bgrid.servicers.bots import BotsServicer
@@ -92,6 +93,8 @@ class BgridService(service.MultiService):
             data_dir=os.path.join(config.data_dir, "lmdb"),
             map_size=config.map_size,
             clock=self.reactor,
+            max_cas_size=config.max_cas_size,
+            cas_low_watermark=config.cas_low_watermark,
         )
         await self.storage.start()
 
@@ -103,10 +106,13 @@ class BgridService(service.MultiService):
             max_long_poll=config.max_long_poll,
             max_job_retries=config.max_job_retries,
             operation_retention=config.operation_retention,
+            store=LmdbSchedulerStore(self.storage.environment),
         )
         controller = ExecutionController(
             self.storage.blob_store, self.storage.action_cache, self.scheduler
         )
+        # After the controller exists, because recovery passes reported results to it.
+        await self.scheduler.recover()
         self._build_grpc_server(controller)
         await as_deferred(self.grpc_server.start())
 
@@ -218,7 +224,7 @@ class BgridService(service.MultiService):
             await as_deferred(self.grpc_server.stop(SHUTDOWN_GRACE))
             self.bytestream.close()
         if self.scheduler is not None:
-            self.scheduler.stop()
+            await self.scheduler.stop()
         if self.storage is not None:
             await self.storage.stop()
         self.log.info("bgrid stopped")

@@ -5,7 +5,7 @@ import sys
 
 from twisted.python import usage
 
-from bgrid.config import ServerConfig, parse_seconds, parse_size
+from bgrid.config import ServerConfig, parse_fraction, parse_seconds, parse_size
 
 DEFAULTS = ServerConfig()
 
@@ -37,7 +37,7 @@ def install_asyncio_reactor():
 class Options(usage.Options):
     """Options of ``twistd bgrid``. Sizes take units (4MiB, 10GiB); durations are seconds."""
 
-    synopsis = "[twistd options] bgrid [options]"
+    synopsis = "[bgrid options]"
 
     optParameters = [
         ["data-dir", "d", DEFAULTS.data_dir,
@@ -46,8 +46,19 @@ class Options(usage.Options):
          "Largest total of blob sizes in one BatchUpdateBlobs or BatchReadBlobs (bytes, "
          "or with a unit such as 4MiB)."],
         ["map-size", None, "1TiB",
-         "LMDB map size: the largest the database file may grow to (bytes or with a unit). "
-         "The file is sparse, so a large value costs nothing until used."],
+         "Largest size the LMDB database file may grow to (bytes or with a unit). The map "
+         "starts at 1GiB, or this size if smaller, and doubles each time it fills."],
+        ["max-cas-size", None, "10GiB",
+         "CAS quota: the maximum total size of stored blobs before the least recently "
+         "used are evicted (bytes, or with a unit such as 10GiB). The default of 10GiB is "
+         "meant to fit the free disk of a typical developer machine or CI runner while "
+         "holding the outputs of several builds (an estimate, not a measurement). Set it "
+         "to what the disk of --data-dir can spare. Disk use exceeds it by the index, the "
+         "action cache and uploads in progress, so keep --map-size well above it."],
+        ["cas-low-watermark", None, str(DEFAULTS.cas_low_watermark),
+         "Fraction of --max-cas-size that eviction goes down to once the quota is reached "
+         "(greater than 0, at most 1). 0.9 evicts a tenth of the quota at a time, so "
+         "eviction runs about once per that many bytes written."],
         ["local-bots", None, "0",
          "Number of actions run at once by a bot process the daemon starts beside itself "
          "(0: no local bot)."],
@@ -69,15 +80,13 @@ class Options(usage.Options):
         self["local-bot-property"] = []
 
     def opt_listen(self, address):
-        """Address to serve gRPC on: HOST:PORT, [IPv6]:PORT or unix:PATH. Repeatable.
-        Default: 127.0.0.1:50051."""
+        """Address to serve gRPC on: HOST:PORT, [IPv6]:PORT or unix:PATH (repeatable; default 127.0.0.1:50051)."""
         self["listen"].append(address)
 
     opt_l = opt_listen
 
     def opt_instance(self, name):
-        """Instance name to serve, e.g. "" or projects/p/instances/main. Repeatable.
-        Default: the empty name only."""
+        """Instance name to serve, such as projects/p/instances/main (repeatable; default: the empty name only)."""
         self["instance"].append(name)
 
     def opt_local_bot_property(self, prop):
@@ -114,6 +123,8 @@ class Options(usage.Options):
             instance_names=self["instance"] or list(DEFAULTS.instance_names),
             max_batch_size=convert("max-batch-size", parse_size, minimum=1024),
             map_size=convert("map-size", parse_size, minimum=2**20),
+            max_cas_size=convert("max-cas-size", parse_size, minimum=2**20),
+            cas_low_watermark=convert("cas-low-watermark", parse_fraction),
             local_bots=convert("local-bots", integer, minimum=0),
             local_bot_properties=list(self["local-bot-property"]),
             bot_keepalive_timeout=convert("bot-keepalive", parse_seconds, minimum=1.0),
@@ -131,6 +142,15 @@ class Options(usage.Options):
                     f"--instance: invalid instance name {name!r}: segments must be non-empty "
                     f"and none of {', '.join(sorted(reserved))}"
                 )
+        if (
+            config.max_cas_size is not None
+            and config.map_size is not None
+            and config.max_cas_size > config.map_size
+        ):
+            errors.append(
+                f"--max-cas-size: invalid value {self['max-cas-size']!r}: must not exceed "
+                f"--map-size ({self['map-size']}), because the LMDB map holds the CAS"
+            )
         if len(set(config.instance_names)) != len(config.instance_names):
             errors.append("--instance: an instance name is given more than once")
         for prop in config.local_bot_properties:
