@@ -80,3 +80,9 @@ class ServerConfig:
     max_job_retries: int = 3
     # Seconds a finished operation stays queryable.
     operation_retention: float = 3600.0
+    # Maximum time in seconds an action may run on a bot. Actions without a timeout, or
+    # with a longer one, run with this one.
+    max_action_timeout: float = 3600.0
+    # Seconds past an action's timeout that the server waits for its bot's result before
+    # it cancels the lease and fails the action with DEADLINE_EXCEEDED.
+    action_timeout_grace: float = 60.0

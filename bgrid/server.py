@@ -106,6 +106,8 @@ class BgridService(service.MultiService):
             max_long_poll=config.max_long_poll,
             max_job_retries=config.max_job_retries,
             operation_retention=config.operation_retention,
+            max_action_timeout=config.max_action_timeout,
+            action_timeout_grace=config.action_timeout_grace,
             store=LmdbSchedulerStore(self.storage.environment),
         )
         controller = ExecutionController(
@@ -124,6 +126,7 @@ class BgridService(service.MultiService):
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.bdp_probe", 0),
             ]
         )
         instance_names = InstanceNames(config.instance_names)

@@ -71,6 +71,13 @@ class Options(usage.Options):
          "Times a job is requeued after its bot went away before its operation fails."],
         ["operation-retention", None, str(DEFAULTS.operation_retention),
          "Seconds a finished operation stays available to GetOperation and WaitExecution."],
+        ["max-action-timeout", None, str(DEFAULTS.max_action_timeout),
+         "Maximum time in seconds an action may run on a bot. An action without a "
+         "timeout, or with a longer one, runs with this timeout."],
+        ["action-timeout-grace", None, str(DEFAULTS.action_timeout_grace),
+         "Seconds past an action's timeout that the server waits for its bot to report, "
+         "which covers fetching inputs and uploading outputs. Then it cancels the lease "
+         "and fails the action with DEADLINE_EXCEEDED, without a retry."],
     ]
 
     def __init__(self):
@@ -131,6 +138,8 @@ class Options(usage.Options):
             max_long_poll=convert("max-long-poll", parse_seconds, minimum=0.0),
             max_job_retries=convert("max-job-retries", integer, minimum=0),
             operation_retention=convert("operation-retention", parse_seconds, minimum=0.0),
+            max_action_timeout=convert("max-action-timeout", parse_seconds, minimum=1.0),
+            action_timeout_grace=convert("action-timeout-grace", parse_seconds, minimum=0.0),
         )
 
         for name in config.instance_names:

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2_grpc, worker_pb2
 from bgrid.bot.cache import BlobCache
 from bgrid.bot.executor import ActionExecutor
+from bgrid.bot.processes import ProcessGroupRecords
 from bgrid.bot.session import SessionLoop
 from bgrid.bot.staging import remove_tree
 from bgrid.bridge import as_deferred
@@ -34,8 +35,9 @@ class WorkDirectoryBusyError(Exception):
 
 
 class WorkDirectory:
-    """The bot's directory: ``cache/`` for blobs, ``build/`` for per-lease exec roots, and
-    a ``lock`` file that keeps a second bot out while this one runs."""
+    """The bot's directory: ``cache/`` for blobs, ``build/`` for per-lease exec roots,
+    ``processes/`` for the records of running actions' process groups, and a ``lock`` file
+    that keeps a second bot out while this one runs."""
 
     log = Logger()
 
@@ -43,14 +45,17 @@ class WorkDirectory:
         self.path = path
         self.cache = os.path.join(path, "cache")
         self.build = os.path.join(path, "build")
+        self.process_groups = ProcessGroupRecords(os.path.join(path, "processes"))
         self._lock_file = lock_file
 
     @classmethod
     def open(cls, path):
-        """Create and lock ``path`` and empty its ``build/`` directory.
+        """Create and lock ``path``, kill what an earlier bot left running, empty ``build/``.
 
-        Raises WorkDirectoryBusyError when another bot holds the lock, and OSError when the
-        directory cannot be created or written.
+        The processes killed are those of the process groups recorded in ``processes/``
+        by an earlier bot that did not stop cleanly. Raises WorkDirectoryBusyError when
+        another bot holds the lock, and OSError when the directory cannot be created or
+        written.
         """
         path = os.path.abspath(path)
         os.makedirs(path, exist_ok=True)
@@ -64,6 +69,9 @@ class WorkDirectory:
                 f"--work-dir"
             ) from None
         directory = cls(path, lock_file)
+        os.makedirs(directory.process_groups.directory, exist_ok=True)
+        # Before the exec roots are removed, because the processes may still write there.
+        directory.process_groups.kill_leftovers()
         # Exec roots left by a bot that did not stop cleanly.
         remove_tree(directory.build)
         os.makedirs(directory.build)
@@ -86,13 +94,16 @@ class BotConfig:
     instance_name: str = ""
     # Platform properties as (name, value) pairs, reported as worker properties.
     properties: list = field(default_factory=list)
+    # Whether actions get SIGKILL when the bot dies (see bgrid.bot.runner.run_process).
+    parent_death_signal: bool = False
 
 
 class Bot:
     """Runs ``config.concurrency`` bot sessions, ``{name}.0`` to ``{name}.{N-1}``.
 
-    ``start`` begins work on the running event loop; ``stop`` cancels every session and
-    action and returns a Deferred that fires when all is cleaned up.
+    ``start`` begins work on the running event loop. ``stop`` stops taking leases, kills
+    the running actions and returns their leases to the server, and returns a Deferred that
+    fires when all is cleaned up (see ``bgrid.bot.session``).
     """
 
     log = Logger()
@@ -110,7 +121,11 @@ class Bot:
         return as_deferred(self._task)
 
     def stop(self):
-        """Cancel every session and running action; return a Deferred that fires when done."""
+        """Stop every session and running action; return a Deferred that fires when done.
+
+        Each session makes one last call to the server, which takes at most
+        ``bgrid.bot.session.STOP_REPORT_TIMEOUT_SECONDS``.
+        """
         if self._task is None or self._task.done():
             return as_deferred(asyncio.sleep(0))
         self._task.cancel()
@@ -123,7 +138,11 @@ class Bot:
             cas = CasClient(channel, config.instance_name)
             cache = BlobCache(self.work_directory.cache, config.cache_max_bytes, cas)
             await asyncio.to_thread(cache.load)
-            executor = ActionExecutor(cas, cache, self.work_directory.build, config.name, self._clock)
+            executor = ActionExecutor(
+                cas, cache, self.work_directory.build, config.name, self._clock,
+                process_groups=self.work_directory.process_groups,
+                parent_death_signal=config.parent_death_signal,
+            )
             stub = bots_pb2_grpc.BotsStub(channel)
             worker = worker_pb2.Worker(
                 properties=[
@@ -146,8 +165,14 @@ class Bot:
             )
             tasks = [asyncio.ensure_future(session.run()) for session in self.sessions]
             try:
-                await asyncio.gather(*tasks)
+                # Sessions run until cancelled, so one that returns has failed.
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for session_task in done:
+                    session_task.result()
             finally:
+                # Each session is cancelled once, because a second cancellation would cut
+                # off its last report to the server. asyncio.gather is not used: it returns
+                # when the first cancelled session ends, before the others have reported.
                 for session_task in tasks:
                     session_task.cancel()
                 await asyncio.wait(tasks)

@@ -53,17 +53,23 @@ class ActionExecutor:
 
     Each lease gets a fresh build directory ``{build_root}/{random id}`` with the exec root
     and the stdout and stderr files. It is removed when the lease ends in any way.
-    Timestamps and the action timeout use ``clock`` (an ``IReactorTime``).
+    Timestamps and the action timeout use ``clock`` (an ``IReactorTime``). The process
+    group of each running command is recorded in ``process_groups``, a
+    ``bgrid.bot.processes.ProcessGroupRecords``, unless it is None. ``parent_death_signal``
+    is passed to ``run_process``.
     """
 
     log = Logger()
 
-    def __init__(self, cas, cache, build_root, bot_name, clock):
+    def __init__(self, cas, cache, build_root, bot_name, clock, process_groups=None,
+                 parent_death_signal=False):
         self._cas = cas
         self._cache = cache
         self._build_root = build_root
         self._bot_name = bot_name
         self._clock = clock
+        self._process_groups = process_groups
+        self._parent_death_signal = parent_death_signal
 
     async def execute(self, payload, lease_id="", bot_id=""):
         """Run the action of a lease payload and return its ``LeaseOutcome``.
@@ -172,6 +178,8 @@ class ActionExecutor:
         process = await run_process(
             list(command.arguments), environment, working_directory, stdout_path, stderr_path,
             timeout=timeout, clock=self._clock,
+            process_groups=self._process_groups,
+            parent_death_signal=self._parent_death_signal,
         )
         metadata.execution_completed_timestamp.CopyFrom(self._now())
         metadata.virtual_execution_duration.CopyFrom(_duration(process.duration))

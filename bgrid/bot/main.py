@@ -11,9 +11,20 @@ import re
 import socket
 import sys
 
-from bgrid.bot.bot import Bot, BotConfig, WorkDirectory, WorkDirectoryBusyError
-from bgrid.client.channel import parse_address
-from bgrid.errors import InvalidArgumentError
+# The bot forks each action's command with a preexec_fn that sets its parent death signal,
+# and gRPC's fork handlers can crash such a child while gRPC threads are busy (with grpcio
+# 1.85.3, several of 40 actions exited with SIGSEGV). gRPC reads this variable when it is
+# imported, so this comes before any import of grpc. The ``bgrid`` command imports grpc
+# before it hands ``bgrid bot`` to this module, so there the variable must be set earlier.
+_GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
+if "grpc" not in sys.modules:
+    os.environ[_GRPC_FORK_SUPPORT] = "false"
+GRPC_FORK_HANDLERS_DISABLED = os.environ.get(_GRPC_FORK_SUPPORT, "").lower() in ("false", "0")
+
+from bgrid.bot.bot import Bot, BotConfig, WorkDirectory, WorkDirectoryBusyError  # noqa: E402
+from bgrid.bot.runner import parent_death_signal_available  # noqa: E402
+from bgrid.client.channel import parse_address  # noqa: E402
+from bgrid.errors import InvalidArgumentError  # noqa: E402
 
 DEFAULT_CACHE_MAX_BYTES = 10 * 1024 ** 3
 DEFAULT_WORK_DIRECTORY = "bgrid-bot-work"
@@ -148,8 +159,10 @@ def _error(message):
 def run(args):
     """Run the bot until SIGINT or SIGTERM; return the process exit code.
 
-    Returns 2 after printing one message when the work directory cannot be used, 1 when the
-    bot stops on an unexpected error, and 0 after a signal.
+    On a signal the bot stops taking leases, kills the process groups of running actions,
+    and reports status BOT_TERMINATING to the server with the leases it returns, within a
+    few seconds. Returns 2 after printing one message when the work directory cannot be
+    used, 1 when the bot stops on an unexpected error, and 0 after a signal.
     """
     config = BotConfig(
         server=args.server,
@@ -158,6 +171,7 @@ def run(args):
         cache_max_bytes=args.cache_size,
         instance_name=args.instance,
         properties=list(args.properties),
+        parent_death_signal=GRPC_FORK_HANDLERS_DISABLED and parent_death_signal_available(),
     )
     try:
         work_directory = WorkDirectory.open(args.work_dir)
@@ -178,6 +192,12 @@ def run(args):
     from twisted.logger import Logger
 
     log = Logger(namespace="bgrid.bot")
+    if parent_death_signal_available() and not config.parent_death_signal:
+        log.warn(
+            "gRPC was imported with its fork handlers enabled, so actions keep running if "
+            "the bot is killed, until the next bot in this work directory kills them. Set "
+            "GRPC_ENABLE_FORK_SUPPORT=false or run python -m bgrid.bot.main"
+        )
     bot = Bot(config, work_directory, reactor)
     exit_code = 0
 

@@ -13,6 +13,11 @@ again, each call reporting the bot's view of its lease:
 * NOT_FOUND for the session (it expired, or the server restarted) drops the session and the
   lease, and a new session is created. Other failures are retried with capped exponential
   backoff.
+* When the loop is cancelled, because the bot stops, the open call is cancelled, the
+  action's process group is killed, and one last UpdateBotSession reports status
+  BOT_TERMINATING. It returns a running lease as CANCELLED with status UNAVAILABLE, so that
+  the server requeues its job at once without counting a retry, or reports a finished one
+  as COMPLETED. The server then closes the session.
 """
 
 import asyncio
@@ -32,6 +37,10 @@ from bgrid.errors import make_status
 # Deadline of each UpdateBotSession call, in seconds. bgrid's server keeps an idle bot's call
 # open for at most 20 s by default (--max-long-poll), so this leaves it time to respond.
 POLL_TIMEOUT_SECONDS = 30.0
+
+# Deadline in seconds of the last UpdateBotSession call of a stopping bot. When the call
+# fails or times out, the server closes the session after its keepalive timeout instead.
+STOP_REPORT_TIMEOUT_SECONDS = 5.0
 
 
 class Backoff:
@@ -64,13 +73,15 @@ class SessionLoop:
     ``execute(payload, lease_id, bot_id)`` is a coroutine function returning a
     ``LeaseOutcome`` (see ``ActionExecutor.execute``); it is cancelled when the server
     cancels the lease. ``worker`` is the ``Worker`` message reported at session creation.
-    Retry delays run on ``clock`` (an ``IReactorTime``).
+    Retry delays run on ``clock`` (an ``IReactorTime``). ``stop_report_timeout`` is the
+    deadline in seconds of the last call when the loop is cancelled.
     """
 
     log = Logger()
 
     def __init__(self, stub, bot_id, instance_name, worker, version, execute, clock,
-                 backoff=None, poll_timeout=POLL_TIMEOUT_SECONDS):
+                 backoff=None, poll_timeout=POLL_TIMEOUT_SECONDS,
+                 stop_report_timeout=STOP_REPORT_TIMEOUT_SECONDS):
         self.bot_id = bot_id
         self.session_name = None
         self._stub = stub
@@ -81,6 +92,7 @@ class SessionLoop:
         self._clock = clock
         self._backoff = backoff or Backoff()
         self._poll_timeout = poll_timeout
+        self._stop_report_timeout = stop_report_timeout
         self._lease = None  # the bot's view of its lease: id, state, status, result
         self._task = None  # the asyncio task running the lease's action
 
@@ -90,7 +102,7 @@ class SessionLoop:
         return self._lease
 
     async def run(self):
-        """Run until cancelled; on cancellation the running action is cancelled too."""
+        """Run until cancelled; then stop the running action and close the session."""
         try:
             while True:
                 try:
@@ -102,7 +114,7 @@ class SessionLoop:
                 except grpc.aio.AioRpcError as error:
                     await self._handle_error(error)
         finally:
-            await self._drop_lease("the bot is stopping")
+            await self._terminate()
 
     # --- calls -----------------------------------------------------------------------------
 
@@ -123,11 +135,11 @@ class SessionLoop:
         # A new session may come with a lease already assigned.
         await self._apply(session)
 
-    def _report(self):
+    def _report(self, status=bots_pb2.OK):
         session = bots_pb2.BotSession(
             name=self.session_name,
             bot_id=self.bot_id,
-            status=bots_pb2.OK,
+            status=status,
             worker=self._worker,
             version=self._version,
         )
@@ -242,6 +254,57 @@ class SessionLoop:
             bot_id=self.bot_id, lease_id=self._lease.id, code=code_pb2.Code.Name(status.code),
         )
 
+    async def _terminate(self):
+        """Stop the running action and send the server the last report, BOT_TERMINATING.
+
+        Errors of the call are logged, because the server closes the session after its
+        keepalive timeout anyway.
+        """
+        lease = self._lease
+        if lease is not None and lease.state == bots_pb2.ACTIVE:
+            if self._task is not None and self._task.done():
+                self._complete_lease()
+            else:
+                await self._cancel_action(self._task)
+                lease.state = bots_pb2.CANCELLED
+                lease.status.CopyFrom(
+                    make_status(code_pb2.UNAVAILABLE, f"bot {self.bot_id} is stopping")
+                )
+        if self.session_name is None:
+            await self._drop_lease("the bot is stopping")
+            return
+
+        request = self._report(status=bots_pb2.BOT_TERMINATING)
+        returned = "no lease"
+        if lease is not None:
+            returned = f"lease {lease.id} as {bots_pb2.LeaseState.Name(lease.state)}"
+        try:
+            await self._stub.UpdateBotSession(request, timeout=self._stop_report_timeout)
+        except grpc.aio.AioRpcError as error:
+            self.log.warn(
+                "bot {bot_id} failed to report BOT_TERMINATING and {returned} for session "
+                "{session}: {code}: {details}. The server closes the session after its "
+                "keepalive timeout",
+                bot_id=self.bot_id, returned=returned, session=self.session_name,
+                code=error.code().name, details=error.details(),
+            )
+        else:
+            self.log.info(
+                "bot {bot_id} reported BOT_TERMINATING and {returned} for session {session}",
+                bot_id=self.bot_id, returned=returned, session=self.session_name,
+            )
+        self.session_name = None
+        self._lease = None
+        self._task = None
+
+    @staticmethod
+    async def _cancel_action(running):
+        """Cancel an action's task if it runs, which kills its process group, and wait."""
+        if running is not None and not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({running})
+
     async def _drop_lease(self, reason):
         """Cancel the running action, if any, wait for its cleanup, and forget the lease."""
         if self._lease is None:
@@ -251,10 +314,7 @@ class SessionLoop:
         running = self._task
         self._lease = None
         self._task = None
-        if running is not None and not running.done():
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({running})
+        await self._cancel_action(running)
         # A completed lease is usually dropped while its report waits as a long poll for the
         # server's response. The server has normally applied the report by then.
         log = self.log.debug if completed else self.log.info

@@ -5,11 +5,16 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from google.longrunning import operations_grpc_pb2, operations_proto_pb2
-from google.rpc import code_pb2
+from google.rpc import code_pb2, error_details_pb2
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid.cli import options
 from bgrid.cli.rpc import format_message, unary_call
+
+# The ErrorInfo reason and domain with which the server's scheduler marks a queued job
+# that no connected bot can run (see bgrid.scheduler.waiting).
+NO_MATCHING_BOT = "NO_MATCHING_BOT"
+ERROR_DOMAIN = "bgrid"
 
 
 def add_parsers(subparsers):
@@ -26,7 +31,10 @@ def add_parsers(subparsers):
     list_parser = commands.add_parser(
         "list", help="list the operations of an instance",
         description="List the operations of an instance, oldest first: name, stage, "
-                    "whether it is done, its status once done, and the action digest.",
+                    "whether it is done, its status once done, and the action digest. A "
+                    "queued operation that no connected bot can run gets a line "
+                    "'waiting: no bot matches NAME=VALUE,...' below it, naming the "
+                    "action's platform requirements.",
     )
     list_parser.add_argument("--json", action="store_true",
                              help="print a JSON array of objects instead of a table")
@@ -69,16 +77,20 @@ class OperationSummary:
     message: Optional[str] = None
     cached_result: Optional[bool] = None
     exit_code: Optional[int] = None
+    # Why a queued operation waits, such as "no bot matches OSFamily=windows", or None.
+    waiting: Optional[str] = None
 
     @classmethod
     def from_operation(cls, operation):
         metadata = re_pb2.ExecuteOperationMetadata()
         stage = "UNKNOWN"
         action_digest = ""
+        waiting = None
         if operation.metadata.Unpack(metadata):
             stage = re_pb2.ExecutionStage.Value.Name(metadata.stage)
             action_digest = f"{metadata.action_digest.hash}/{metadata.action_digest.size_bytes}"
-        summary = cls(operation.name, stage, operation.done, action_digest)
+            waiting = waiting_note(metadata)
+        summary = cls(operation.name, stage, operation.done, action_digest, waiting=waiting)
 
         result_kind = operation.WhichOneof("result")
         if result_kind == "error":
@@ -95,6 +107,30 @@ class OperationSummary:
         return summary
 
 
+def waiting_note(metadata):
+    """Return why an operation waits for a bot, from its ExecuteOperationMetadata, or None.
+
+    The scheduler puts a ``NO_MATCHING_BOT`` ErrorInfo in
+    ``partial_execution_metadata.auxiliary_metadata``. Its ``platform`` metadata lists the
+    action's requirements and ``missing`` those that no connected bot offers.
+    """
+    for auxiliary in metadata.partial_execution_metadata.auxiliary_metadata:
+        info = error_details_pb2.ErrorInfo()
+        if not auxiliary.Unpack(info):
+            continue
+        if info.domain != ERROR_DOMAIN or info.reason != NO_MATCHING_BOT:
+            continue
+        platform = info.metadata.get("platform", "")
+        if not platform:
+            return "no bot is connected to this instance"
+        note = f"no bot matches {platform}"
+        missing = info.metadata.get("missing", "")
+        if missing and missing != platform:
+            note += f" (no bot offers {missing})"
+        return note
+    return None
+
+
 def code_name(code):
     """Return the ``google.rpc.Code`` name of ``code``, or the number if it has none."""
     try:
@@ -104,7 +140,10 @@ def code_name(code):
 
 
 def format_table(summaries):
-    """Return the operations as a table with a header, one operation per line."""
+    """Return the operations as a table with a header, one operation per line.
+
+    An operation that waits for a bot is followed by an indented ``waiting:`` line.
+    """
     header = ("NAME", "STAGE", "DONE", "STATUS", "ACTION DIGEST")
     rows = [header] + [
         (
@@ -118,9 +157,11 @@ def format_table(summaries):
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
     lines = []
-    for row in rows:
+    for row, summary in zip(rows, [None] + list(summaries)):
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         lines.append("  ".join(cells + [row[-1]]))
+        if summary is not None and summary.waiting:
+            lines.append(f"  waiting: {summary.waiting}")
     return "\n".join(lines)
 
 

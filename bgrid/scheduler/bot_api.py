@@ -2,9 +2,11 @@
 
 ``BotApiMixin`` is a base class of ``Scheduler`` and works on the records and indexes that
 ``Scheduler.__init__`` creates: ``_jobs``, ``_sessions``, ``_leases``,
-``_session_by_bot_id``, ``_queue``, ``_idle_bots``, ``_polls``, ``_keepalive_timers`` and
-``_journal``, and logs through ``Scheduler.log``. It calls back into the job side through
-``_set_job_stage``, ``_handle_result``, ``_complete_job`` and ``_dispatch_job``.
+``_session_by_bot_id``, ``_queue``, ``_idle_bots``, ``_open_sessions``, ``_polls``,
+``_keepalive_timers``, ``_lease_timers`` and ``_journal``, and logs through
+``Scheduler.log``. It calls back into the job side through ``_set_job_stage``,
+``_set_waiting_reason``, ``_refresh_waiting_reasons``, ``_handle_result``,
+``_complete_job`` and ``_dispatch_job``.
 """
 
 import uuid
@@ -12,7 +14,9 @@ import uuid
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
 from twisted.internet import defer
+from twisted.logger import LogLevel
 
+from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2
 from bgrid.errors import InvalidArgumentError, NotFoundError
 from bgrid.scheduler import lease as lease_states
 from bgrid.scheduler.bots import BotSession, new_session_name
@@ -26,6 +30,7 @@ from bgrid.scheduler.job import (
 from bgrid.scheduler.lease import Lease, LeaseTransitionError, state_name
 from bgrid.scheduler.platform import worker_properties
 from bgrid.scheduler.store import BOT_SESSIONS, JOBS, LEASES
+from bgrid.scheduler.timeouts import with_timeout
 
 # At most this many ignored lease ids are remembered per session to log each only once.
 _MAX_IGNORED_LEASES_LOGGED = 100
@@ -91,12 +96,14 @@ class BotApiMixin:
         self._sessions[session.name] = session
         self._journal.changed(BOT_SESSIONS, session.name)
         self._session_by_bot_id[bot_id] = session.name
+        self._open_sessions.add(session.instance_name, session.property_set)
         self.log.info(
             "Opened bot session {session_name} for bot {bot_id} with properties {properties}",
             session_name=session.name,
             bot_id=bot_id,
             properties=properties,
         )
+        self._refresh_waiting_reasons()
         self._fill_session(session)
         return self._respond(session)
 
@@ -108,7 +115,9 @@ class BotApiMixin:
         and its job is requeued. The Deferred fires at once when the bot has news (a new or
         cancelled lease). Otherwise it fires when news arrives, or at ``deadline`` (a time of
         the clock) or after ``max_long_poll``, whichever comes first. Either way it fires
-        only once the session's state is durable. Cancelling it ends the wait. It fails with
+        only once the session's state is durable. Cancelling it ends the wait. A session
+        whose bot reports status BOT_TERMINATING is closed after its lease reports are
+        applied, and the Deferred fires with its last state, without leases. It fails with
         NotFoundError for an unknown or closed session and with InvalidArgumentError when
         ``bot_session`` names another session or bot.
         """
@@ -129,7 +138,10 @@ class BotApiMixin:
         session.last_update_time = self._clock.seconds()
         session.status = bot_session.status
         if properties is not None:
+            self._open_sessions.remove(session.instance_name, session.property_set)
             session.update_worker(bot_session.worker, properties)
+            self._open_sessions.add(session.instance_name, session.property_set)
+            self._refresh_waiting_reasons()
         self._journal.changed(BOT_SESSIONS, name)
 
         try:
@@ -138,6 +150,8 @@ class BotApiMixin:
             # The lease kept its state, and the error was logged where it was raised.
             self._start_keepalive(name)
             return defer.fail(error)
+        if session.status == bots_pb2.BOT_TERMINATING:
+            return self._when_durable(self._end_terminating_session(session))
         self._fill_session(session)
         if session.has_news or bot_missed_lease:
             responding = defer.succeed(self._respond(session))
@@ -172,8 +186,27 @@ class BotApiMixin:
         job = self._jobs.get(lease.job_id)
         if job is None or lease.state == lease_states.CANCELLED:
             return lease.to_proto()
-        payload = lease_states.action_payload(job.action)
+        action = with_timeout(job.action, self._action_timeout(job))
+        payload = lease_states.action_payload(action)
         return lease.to_proto(payload, job.requirements)
+
+    def _end_terminating_session(self, session):
+        """Close the session of a bot that reported BOT_TERMINATING; return its last message.
+
+        A PENDING lease that the bot did not report was never started, so its job is
+        requeued without counting a retry.
+        """
+        message = session.to_proto([], _timestamp(self._clock.seconds()))
+        lease = self._leases.get(session.lease_id) if session.lease_id else None
+        if lease is not None and lease.state == lease_states.PENDING:
+            self._requeue_lease(
+                lease, f"bot {session.bot_id} is terminating and did not start the lease",
+                count_retry=False,
+            )
+        self._close_session(
+            session.name, f"bot {session.bot_id} is terminating", level=LogLevel.info
+        )
+        return message
 
     # State changes
 
@@ -187,6 +220,7 @@ class BotApiMixin:
         self._journal.changed(JOBS, job.job_id)
         self._journal.changed(BOT_SESSIONS, session.name)
         self._idle_bots.discard(session.name)
+        self._set_waiting_reason(job, None)
         self.log.info(
             "Leased job {job_id} to bot {bot_id} as lease {lease_id} (session {session_name})",
             job_id=job.job_id,
@@ -252,6 +286,13 @@ class BotApiMixin:
                 # The bot ran the lease between two calls, so it never reported it ACTIVE.
                 self._start_lease(session, lease)
             self._finish_lease(session, lease, reported)
+        elif state == lease_states.CANCELLED and session.status == bots_pb2.BOT_TERMINATING:
+            # NOTE: an action that makes its bot stop (by signalling it, say) is requeued
+            # again and again, because this does not count a retry.
+            self._requeue_lease(
+                lease, f"bot {session.bot_id} is terminating and returned its lease",
+                count_retry=False,
+            )
         elif state == lease_states.CANCELLED:
             self._requeue_lease(
                 lease, f"bot {session.bot_id} reported its lease CANCELLED, giving up the job"
@@ -282,10 +323,50 @@ class BotApiMixin:
             self._journal.changed(BOT_SESSIONS, session.name)
             self._end_poll(session.name)
 
+    def _expire_lease(self, lease_id):
+        """Give up on a lease that stayed ACTIVE past its action timeout and grace period.
+
+        The job completes with DEADLINE_EXCEEDED and is not retried. The lease stays in its
+        session as CANCELLED, so that the bot learns to stop the action.
+        """
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.state != lease_states.ACTIVE:
+            return
+        job = self._jobs[lease.job_id]
+        session = self._sessions.get(lease.session_name)
+        bot_id = session.bot_id if session is not None else "(closed session)"
+        timeout = self._action_timeout(job)
+        lease.cancel()
+        self._journal.changed(LEASES, lease_id)
+        job.lease_id = None
+        self._journal.changed(JOBS, job.job_id)
+        self.log.warn(
+            "Lease {lease_id} of job {job_id} on bot {bot_id} stayed ACTIVE for {limit} s, "
+            "its action timeout of {timeout} s plus {grace} s, without a result, so the "
+            "job fails with DEADLINE_EXCEEDED",
+            lease_id=lease_id,
+            job_id=job.job_id,
+            bot_id=bot_id,
+            limit=timeout + self._action_timeout_grace,
+            timeout=timeout,
+            grace=self._action_timeout_grace,
+        )
+        self._complete_job(job.job_id, error_response(
+            code_pb2.DEADLINE_EXCEEDED,
+            f"bot {bot_id} reported no result within {timeout:g} s, the action timeout, plus "
+            f"{self._action_timeout_grace:g} s after it started the action, so the server "
+            f"cancelled lease {lease_id}",
+        ))
+        self._send_cancellation(lease)
+
     def _start_lease(self, session, lease):
         lease.acknowledge()
+        lease.started_time = self._clock.seconds()
         self._journal.changed(LEASES, lease.lease_id)
         job = self._jobs[lease.job_id]
+        self._lease_timers.start(
+            lease.lease_id, self._action_timeout(job) + self._action_timeout_grace
+        )
         self.log.info(
             "Bot {bot_id} started job {job_id} under lease {lease_id}",
             bot_id=session.bot_id,
@@ -313,18 +394,37 @@ class BotApiMixin:
     def _drop_lease(self, session, lease):
         del self._leases[lease.lease_id]
         self._journal.changed(LEASES, lease.lease_id)
+        self._lease_timers.stop(lease.lease_id)
         if session is not None and session.lease_id == lease.lease_id:
             session.lease_id = None
             self._journal.changed(BOT_SESSIONS, session.name)
 
-    def _requeue_lease(self, lease, reason):
-        """Take a lost lease back from its bot and requeue its job, or fail the job."""
+    def _requeue_lease(self, lease, reason, count_retry=True):
+        """Take a lease back from its bot and requeue its job, or fail the job.
+
+        Unless ``count_retry`` is False, the loss counts as a retry, and the job fails
+        once it has more than ``max_job_retries``.
+        """
         lease.cancel()
         self._drop_lease(self._sessions.get(lease.session_name), lease)
         job = self._jobs[lease.job_id]
         job.lease_id = None
-        job.retries += 1
+        if count_retry:
+            job.retries += 1
         self._journal.changed(JOBS, job.job_id)
+
+        if not count_retry:
+            self.log.info(
+                "Requeued job {job_id} from lease {lease_id} without counting a retry: "
+                "{reason}",
+                job_id=job.job_id,
+                lease_id=lease.lease_id,
+                reason=reason,
+            )
+            if job.stage != QUEUED:
+                self._set_job_stage(job, QUEUED)
+            self._dispatch_job(job)
+            return
 
         if job.retries > self._max_job_retries:
             self.log.error(
@@ -354,9 +454,10 @@ class BotApiMixin:
             self._set_job_stage(job, QUEUED)
         self._dispatch_job(job)
 
-    def _close_session(self, name, reason):
+    def _close_session(self, name, reason, level=LogLevel.warn):
         session = self._sessions.pop(name)
         self._journal.changed(BOT_SESSIONS, name)
+        self._open_sessions.remove(session.instance_name, session.property_set)
         if self._session_by_bot_id.get(session.bot_id) == name:
             del self._session_by_bot_id[session.bot_id]
         self._stop_keepalive(name)
@@ -365,7 +466,8 @@ class BotApiMixin:
         poll = self._polls.pop(name, None)
         if poll is not None and poll.timer.active():
             poll.timer.cancel()
-        self.log.warn(
+        self.log.emit(
+            level,
             "Closed bot session {session_name} of bot {bot_id}: {reason}",
             session_name=name,
             bot_id=session.bot_id,
@@ -378,6 +480,7 @@ class BotApiMixin:
                 self._drop_lease(session, lease)
             else:
                 self._requeue_lease(lease, f"bot session {name} was closed: {reason}")
+        self._refresh_waiting_reasons()
         if poll is not None:
             poll.deferred.errback(NotFoundError(f"bot session {name} was closed: {reason}"))
 

@@ -242,17 +242,24 @@ def encode_lease(lease):
         "job_id": lease.job_id,
         "session_name": lease.session_name,
         "state": lease.state,
+        "started_time": lease.started_time,
     })
 
 
 def decode_lease(value):
     """Return the ``Lease`` of a stored lease record.
 
-    Raises RecordFormatError when the record is invalid.
+    Raises RecordFormatError when the record is invalid. A record without
+    ``started_time``, written before bgrid stored it, gets None.
     """
     def decode(fields):
+        started_time = fields.get("started_time")
         return Lease(
-            fields["lease_id"], fields["job_id"], fields["session_name"], int(fields["state"])
+            fields["lease_id"],
+            fields["job_id"],
+            fields["session_name"],
+            int(fields["state"]),
+            started_time=float(started_time) if started_time is not None else None,
         )
 
     return _decoding("lease", decode, value)

@@ -88,7 +88,9 @@ class Job:
     that went away. ``lease_id`` is the current lease or None. ``response`` is the final
     ``ExecuteResponse`` once ``stage`` is COMPLETED. ``finishing`` is True while the result
     handler processes ``reported_response``, the ``ExecuteResponse`` built from the bot's
-    report.
+    report. ``waiting_reason`` is a ``bgrid.scheduler.waiting.NoMatchingBot`` while the job
+    is queued and no open bot session can run it, and None otherwise. It is not stored,
+    because recovery computes it again.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class Job:
         self.reported_response = None
         self.response = None
         self.operation_names = []
+        self.waiting_reason = None
 
     @property
     def done(self):
@@ -136,10 +139,12 @@ class Operation:
 
     ``job_id`` is None for an operation created done from an action cache hit. ``sequence``
     orders operations for listing. ``completed_time`` is the clock time at which the
-    operation became done, and starts its retention period.
+    operation became done, and starts its retention period. ``waiting_reason`` is that of
+    the job while the operation is not done.
     """
 
-    def __init__(self, name, instance_name, action_digest, sequence, job_id=None, stage=QUEUED):
+    def __init__(self, name, instance_name, action_digest, sequence, job_id=None, stage=QUEUED,
+                 waiting_reason=None):
         self.name = name
         self.instance_name = instance_name
         self.action_digest = action_digest
@@ -148,6 +153,7 @@ class Operation:
         self.stage = stage
         self.response = None
         self.completed_time = None
+        self.waiting_reason = waiting_reason
 
     @property
     def done(self):
@@ -158,13 +164,17 @@ class Operation:
 
         ``metadata`` packs an ``ExecuteOperationMetadata`` and, once the operation is done,
         ``response`` packs its ``ExecuteResponse``. Execution errors are reported in
-        ``ExecuteResponse.status``, never in ``Operation.error``.
+        ``ExecuteResponse.status``, never in ``Operation.error``. A waiting reason is an
+        ``ErrorInfo`` in ``partial_execution_metadata.auxiliary_metadata``.
         """
         metadata = re_pb2.ExecuteOperationMetadata(
             stage=self.stage,
             action_digest=self.action_digest.to_proto(re_pb2.Digest),
             digest_function=re_pb2.DigestFunction.SHA256,
         )
+        if self.waiting_reason is not None:
+            auxiliary = metadata.partial_execution_metadata.auxiliary_metadata.add()
+            auxiliary.Pack(self.waiting_reason.to_error_info())
         message = operations_pb2.Operation(name=self.name, done=self.done)
         message.metadata.Pack(metadata)
         if self.response is not None:

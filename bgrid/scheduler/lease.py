@@ -57,15 +57,18 @@ class Lease:
 
     ``state`` changes only through the named transition methods, each of which raises
     LeaseTransitionError and leaves the state as it was when the transition is illegal.
+    ``started_time`` is the clock time at which the bot acknowledged the lease, or None
+    before that.
     """
 
     log = Logger()
 
-    def __init__(self, lease_id, job_id, session_name, state=PENDING):
+    def __init__(self, lease_id, job_id, session_name, state=PENDING, started_time=None):
         self.lease_id = lease_id
         self.job_id = job_id
         self.session_name = session_name
         self.state = state
+        self.started_time = started_time
 
     def acknowledge(self):
         """Record that the bot accepted the lease: PENDING to ACTIVE."""

@@ -110,6 +110,7 @@ class PersistenceMixin:
         self._restore_retention()
         self._restore_sessions()
         self._restore_jobs()
+        self._restore_lease_timers()
         self.log.info(
             "Recovered {jobs} jobs ({queued} queued), {operations} operations, {sessions} bot "
             "sessions and {leases} leases. Bot sessions have {grace} seconds to call "
@@ -205,11 +206,30 @@ class PersistenceMixin:
         """Index the sessions and give every one of them a keepalive period from now."""
         by_last_update = sorted(self._sessions.values(), key=lambda s: s.last_update_time)
         for session in by_last_update:
+            self._open_sessions.add(session.instance_name, session.property_set)
             previous = self._session_by_bot_id.get(session.bot_id)
             self._session_by_bot_id[session.bot_id] = session.name
             self._start_keepalive(session.name)
             if previous is not None:
                 self._close_session(previous, f"bot {session.bot_id} has a newer session")
+
+    def _restore_lease_timers(self):
+        """Start the timeout of every ACTIVE lease from the time its bot started it.
+
+        A timeout ends no sooner than ``bot_keepalive_timeout`` from now, so that a bot
+        whose timeout passed while the server was down can still report its result.
+        """
+        now = self._clock.seconds()
+        for lease in self._leases.values():
+            job = self._jobs.get(lease.job_id)
+            if lease.state != lease_states.ACTIVE or job is None:
+                continue
+            # Leases stored before bgrid recorded start times count from now.
+            started_time = lease.started_time if lease.started_time is not None else now
+            due = started_time + self._action_timeout(job) + self._action_timeout_grace
+            self._lease_timers.start(
+                lease.lease_id, max(due - now, self._bot_keepalive_timeout)
+            )
 
     def _restore_jobs(self):
         """Queue the jobs without a lease, and rerun the result handler for reported results."""
@@ -226,9 +246,7 @@ class PersistenceMixin:
                 continue
             if job.stage != QUEUED:
                 self._set_job_stage(job, QUEUED)
-            self._queue.push(
-                job.job_id, job.instance_name, job.requirements, job.priority, job.sequence
-            )
+            self._enqueue(job)
 
         for job in list(self._jobs.values()):
             if job.finishing:

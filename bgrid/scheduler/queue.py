@@ -26,6 +26,8 @@ class JobQueue:
     def __init__(self):
         self._heaps = {}
         self._entries = {}
+        # Queue key -> set of the job ids queued under it, without stale entries.
+        self._members = {}
         self._heap_items = 0
 
     def __len__(self):
@@ -37,7 +39,9 @@ class JobQueue:
     def push(self, job_id, instance_name, requirements, priority, sequence):
         """Queue a job. A job that is queued already is moved to its new place."""
         key = (instance_name, requirements)
+        self._forget_member(job_id)
         self._entries[job_id] = (key, priority, sequence)
+        self._members.setdefault(key, set()).add(job_id)
         heapq.heappush(self._heaps.setdefault(key, []), (priority, sequence, job_id))
         self._heap_items += 1
         self._compact_if_stale()
@@ -46,12 +50,20 @@ class JobQueue:
         """Remove a job and return whether it was queued."""
         # The heap entry stays behind and is skipped when it reaches the top, because removing
         # from the middle of a heap would cost O(n).
-        return self._entries.pop(job_id, None) is not None
+        return self._forget_member(job_id)
 
     def reprioritize(self, job_id, priority):
         """Give a queued job a new priority, keeping its sequence."""
         key, _, sequence = self._entries[job_id]
         self.push(job_id, key[0], key[1], priority, sequence)
+
+    def keys(self):
+        """Return the distinct queue keys, ``(instance_name, requirements)``, of queued jobs."""
+        return list(self._members)
+
+    def job_ids(self, key):
+        """Return the ids of the jobs queued under ``key``, in no particular order."""
+        return list(self._members.get(key, ()))
 
     def pop_for(self, instance_name, property_set):
         """Remove and return the first job a bot of ``instance_name`` can run, or None.
@@ -71,8 +83,20 @@ class JobQueue:
         heapq.heappop(self._heaps[best_key])
         self._heap_items -= 1
         job_id = best_head[2]
-        del self._entries[job_id]
+        self._forget_member(job_id)
         return job_id
+
+    def _forget_member(self, job_id):
+        """Remove a job from the entries and the members; return whether it was queued."""
+        entry = self._entries.pop(job_id, None)
+        if entry is None:
+            return False
+        key = entry[0]
+        members = self._members[key]
+        members.discard(job_id)
+        if not members:
+            del self._members[key]
+        return True
 
     def _live_head(self, key):
         """Drop stale entries from the top of a heap and return its first live entry."""

@@ -45,6 +45,8 @@ from bgrid.scheduler.platform import normalize_properties
 from bgrid.scheduler.queue import JobQueue
 from bgrid.scheduler.retention import RetentionQueue
 from bgrid.scheduler.store import JOBS, LEASES, META, META_NAME, OPERATIONS
+from bgrid.scheduler.timeouts import LeaseTimers, action_timeout, check_action_timeout
+from bgrid.scheduler.waiting import OpenSessions
 from bgrid.scheduler.watch import WatchRegistry
 
 
@@ -59,8 +61,25 @@ class Scheduler(PersistenceMixin, BotApiMixin):
     A bot session with no UpdateBotSession call in progress and none received for
     ``bot_keepalive_timeout`` is closed and its job requeued. A long poll lasts at most
     ``max_long_poll``. A job whose lease is lost more than ``max_job_retries`` times
-    completes with UNAVAILABLE. Done operations are forgotten ``operation_retention`` after
-    they complete.
+    completes with UNAVAILABLE. A lease that a bot returns as CANCELLED while it reports
+    status BOT_TERMINATING is requeued without counting a retry, because the bot stopped
+    on purpose, and a BOT_TERMINATING session is closed at once. Done operations are
+    forgotten ``operation_retention`` after they complete.
+
+    An action runs for at most ``max_action_timeout``: an Action without a timeout, or with
+    a longer one, is leased with that timeout in its payload, so the bot enforces it. A
+    lease still ACTIVE ``action_timeout_grace`` after its timeout is cancelled, and its job
+    completes with DEADLINE_EXCEEDED without a retry, so a hung bot cannot keep a job.
+
+    A bot can run a job when its session is of the job's instance and every
+    ``(name, value)`` pair that the action requires is among the bot's platform
+    properties, compared as exact strings. A name required with several values needs
+    every one of them, and the bot's other properties do not matter. While no open bot
+    session of the instance can run a queued job, its operations carry a
+    ``NO_MATCHING_BOT`` ErrorInfo (see ``bgrid.scheduler.waiting``), recomputed when a
+    session opens, closes or changes its properties. The job stays queued. GetOperation
+    and ListOperations show the current reason, and a watch shows it with the next change
+    of stage.
 
     ``store`` is an ``ISchedulerStore`` that makes the state survive a restart, or None to
     keep it in memory only. With a store, call ``recover`` before anything else, and send
@@ -81,15 +100,23 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         max_long_poll=20.0,
         max_job_retries=3,
         operation_retention=3600.0,
+        max_action_timeout=3600.0,
+        action_timeout_grace=60.0,
         store=None,
     ):
         for option, value in [
             ("bot_keepalive_timeout", bot_keepalive_timeout),
             ("max_long_poll", max_long_poll),
             ("operation_retention", operation_retention),
+            ("max_action_timeout", max_action_timeout),
         ]:
             if not value > 0:
                 raise ValueError(f"{option} must be a positive number of seconds, got {value!r}")
+        if not action_timeout_grace >= 0:
+            raise ValueError(
+                f"action_timeout_grace must be a number of seconds >= 0, got "
+                f"{action_timeout_grace!r}"
+            )
         if not isinstance(max_job_retries, int) or max_job_retries < 0:
             raise ValueError(f"max_job_retries must be an integer >= 0, got {max_job_retries!r}")
 
@@ -99,6 +126,8 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         self._max_long_poll = max_long_poll
         self._max_job_retries = max_job_retries
         self._operation_retention = operation_retention
+        self._max_action_timeout = max_action_timeout
+        self._action_timeout_grace = action_timeout_grace
         self._stopping = False
         self._store = store
         if store is None:
@@ -118,12 +147,16 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         self._session_by_bot_id = {}
         self._queue = JobQueue()
         self._operation_index = OperationIndex()
+        self._open_sessions = OpenSessions()
+        # Queue key -> the waiting reason of the jobs queued under it.
+        self._waiting_reasons = {}
 
         # Timers, calls and watchers of the running process.
         self._idle_bots = IdleBots()
         self._polls = {}
         self._keepalive_timers = {}
         self._retention = RetentionQueue(clock, operation_retention, self._expire_operation)
+        self._lease_timers = LeaseTimers(clock, self._expire_lease)
         self._watches = WatchRegistry(self._journal.durable)
         self._ignored_leases_logged = {}
 
@@ -138,9 +171,11 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         A smaller ``priority`` runs sooner. Unless ``do_not_cache`` or
         ``action.do_not_cache`` is set, the operation shares the unfinished job of an
         identical earlier submission, whose priority becomes the smaller of the two.
-        Raises InvalidArgumentError for an invalid platform property.
+        Raises InvalidArgumentError for an invalid platform property or a negative
+        ``action.timeout``.
         """
         requirements = normalize_properties(platform or ())
+        check_action_timeout(action)
         do_not_cache = bool(do_not_cache or action.do_not_cache)
 
         job = None
@@ -160,6 +195,7 @@ class Scheduler(PersistenceMixin, BotApiMixin):
             self._take_sequence(),
             job_id=job.job_id,
             stage=job.stage,
+            waiting_reason=job.waiting_reason,
         )
         self._add_operation(operation)
         job.operation_names.append(operation.name)
@@ -174,6 +210,7 @@ class Scheduler(PersistenceMixin, BotApiMixin):
                 operation_name=operation.name,
                 priority=priority,
             )
+            self._log_timeout_limit(job)
             self._dispatch_job(job)
         else:
             self.log.info(
@@ -284,6 +321,7 @@ class Scheduler(PersistenceMixin, BotApiMixin):
             if timer.active():
                 timer.cancel()
         self._keepalive_timers.clear()
+        self._lease_timers.stop_all()
         self._retention.stop()
         self._watches.fail_all(
             UnavailableError("the server is stopping. Retry with WaitExecution")
@@ -308,6 +346,21 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         return [
             name for name in job.operation_names if not self._operations[name].done
         ]
+
+    def _action_timeout(self, job):
+        """Return the seconds that the job's action may run for on a bot."""
+        return action_timeout(job.action, self._max_action_timeout)
+
+    def _log_timeout_limit(self, job):
+        requested = job.action.timeout.ToNanoseconds() / 1e9
+        if requested > self._max_action_timeout:
+            self.log.info(
+                "Job {job_id} asks for an action timeout of {requested} s, which is above "
+                "the maximum, so it runs with {maximum} s",
+                job_id=job.job_id,
+                requested=requested,
+                maximum=self._max_action_timeout,
+            )
 
     def _take_sequence(self):
         sequence = self._next_sequence
@@ -350,6 +403,7 @@ class Scheduler(PersistenceMixin, BotApiMixin):
     def _complete_operation(self, operation, response):
         operation.response = response
         operation.stage = COMPLETED
+        operation.waiting_reason = None
         operation.completed_time = self._clock.seconds()
         self._journal.changed(OPERATIONS, operation.name)
         if not self._stopping:
@@ -395,12 +449,48 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         """Lease a queued job to the longest-waiting idle bot that can run it, or queue it."""
         session_name = self._idle_bots.pick(job.instance_name, job.requirements)
         if session_name is None:
-            self._queue.push(
-                job.job_id, job.instance_name, job.requirements, job.priority, job.sequence
-            )
+            self._enqueue(job)
             return
         self._assign(job, self._sessions[session_name])
         self._end_poll(session_name)
+
+    def _enqueue(self, job):
+        """Put a job in the queue and give it the waiting reason of its queue key."""
+        self._queue.push(
+            job.job_id, job.instance_name, job.requirements, job.priority, job.sequence
+        )
+        key = (job.instance_name, job.requirements)
+        if key not in self._waiting_reasons:
+            self._waiting_reasons[key] = self._open_sessions.waiting_reason(*key)
+        self._set_waiting_reason(job, self._waiting_reasons[key])
+
+    def _refresh_waiting_reasons(self):
+        """Recompute the waiting reason of every queue key after the open sessions changed.
+
+        Only the jobs of keys whose reason changed are touched.
+        """
+        reasons = {}
+        for key in self._queue.keys():
+            reason = self._open_sessions.waiting_reason(*key)
+            reasons[key] = reason
+            if key in self._waiting_reasons and self._waiting_reasons[key] == reason:
+                continue
+            for job_id in self._queue.job_ids(key):
+                self._set_waiting_reason(self._jobs[job_id], reason)
+        self._waiting_reasons = reasons
+
+    def _set_waiting_reason(self, job, reason):
+        """Set the waiting reason of a job and its operations.
+
+        Watches are not woken for it: they send the latest reason with the next stage.
+        """
+        if job.waiting_reason == reason:
+            return
+        job.waiting_reason = reason
+        for name in job.operation_names:
+            operation = self._operations[name]
+            if not operation.done:
+                operation.waiting_reason = reason
 
     def _handle_result(self, job, response):
         """Pass a bot's result through the result handler, then complete the job.
@@ -477,8 +567,10 @@ class Scheduler(PersistenceMixin, BotApiMixin):
             # First, so that an illegal transition raises before anything has changed.
             lease.cancel()
             self._journal.changed(LEASES, lease.lease_id)
+            self._lease_timers.stop(lease.lease_id)
         self._forget_unfinished(job)
         self._queue.remove(job.job_id)
+        job.waiting_reason = None
         job.lease_id = None
         job.stage = COMPLETED
         job.response = error_response(

@@ -50,15 +50,18 @@ def find_free_port():
         return probe.getsockname()[1]
 
 
-class DaemonAndBotTests(unittest.TestCase):
-    @async_test
-    async def setUp(self):
+class GridProcessTestCase(unittest.TestCase):
+    """Runs the daemon with ``daemon_options``, and the bots that a test starts, as
+    subprocesses in a temporary directory, stopped with SIGTERM at cleanup."""
+
+    daemon_options = ()
+
+    async def start_daemon(self):
         if importlib.util.find_spec("bgrid.tap") is None:
             raise unittest.SkipTest("bgrid/tap.py, the daemon's entry point, does not exist yet")
         self.directory = make_temp_dir(self)
         port = find_free_port()
         self.address = f"127.0.0.1:{port}"
-        environment = dict(os.environ, PYTHONPATH=REPOSITORY_ROOT)
 
         self.daemon_log = os.path.join(self.directory, "daemon.log")
         await self.start_process(
@@ -66,23 +69,25 @@ class DaemonAndBotTests(unittest.TestCase):
              "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
              "--nodaemon", "--pidfile=", f"--logfile={self.daemon_log}", "bgrid",
              "--listen", self.address, "--data-dir", os.path.join(self.directory, "data"),
-             "--local-bots", "0"],
-            self.daemon_log, environment,
+             "--local-bots", "0", *self.daemon_options],
+            self.daemon_log,
         )
         self.channel = open_test_channel(self, self.address)
         await self.wait_for_health()
-
-        self.bot_log = os.path.join(self.directory, "bot.log")
-        self.bot = await self.start_process(
-            [sys.executable, "-m", "bgrid.bot.main", "--server", self.address,
-             "--work-dir", os.path.join(self.directory, "bot"), "--concurrency", "2",
-             "--name", "itest", "--property", "OSFamily=linux"],
-            self.bot_log, environment,
-        )
         self.cas = CasClient(self.channel)
         self.execution = remote_execution_pb2_grpc.ExecutionStub(self.channel)
 
-    async def start_process(self, argv, log_path, environment):
+    async def start_bot(self, name, work_dir, log_path, concurrency=2):
+        """Start ``bgrid bot`` with the property OSFamily=linux; return its process."""
+        return await self.start_process(
+            [sys.executable, "-m", "bgrid.bot.main", "--server", self.address,
+             "--work-dir", work_dir, "--concurrency", str(concurrency),
+             "--name", name, "--property", "OSFamily=linux"],
+            log_path,
+        )
+
+    async def start_process(self, argv, log_path):
+        environment = dict(os.environ, PYTHONPATH=REPOSITORY_ROOT)
         with open(log_path, "wb") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
@@ -148,21 +153,35 @@ class DaemonAndBotTests(unittest.TestCase):
             timeout=EXECUTE_TIMEOUT,
         )
 
-    def assert_bot_log_clean(self):
-        log = read_text(self.bot_log)
+    def assert_log_clean(self, log_path):
+        log = read_text(log_path)
         self.assertNotIn("Traceback", log)
         self.assertNotIn("#critical]", log)
         self.assertNotIn("#error]", log)
 
-    async def final_response(self, call):
+    async def final_response(self, call, log_path):
         last = None
         async for operation in call:
             last = operation
-        self.assertTrue(last.done, f"bot log:\n{read_text(self.bot_log)}")
+        self.assertTrue(last.done, f"bot log:\n{read_text(log_path)}")
         self.assertEqual(last.WhichOneof("result"), "response", last)
         response = re_pb2.ExecuteResponse()
         self.assertTrue(last.response.Unpack(response))
         return response
+
+
+class DaemonAndBotTests(GridProcessTestCase):
+    @async_test
+    async def setUp(self):
+        await self.start_daemon()
+        self.bot_log = os.path.join(self.directory, "bot.log")
+        self.bot = await self.start_bot("itest", os.path.join(self.directory, "bot"), self.bot_log)
+
+    def assert_bot_log_clean(self):
+        self.assert_log_clean(self.bot_log)
+
+    async def final_response(self, call):
+        return await super().final_response(call, self.bot_log)
 
     @async_test
     async def test_action_runs_on_bot(self):

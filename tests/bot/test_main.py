@@ -112,7 +112,7 @@ class RunCheckTests(unittest.TestCase):
         directory = WorkDirectory.open(work_dir)
         self.addCleanup(directory.close)
 
-        self.assertEqual(sorted(os.listdir(work_dir)), ["build", "cache", "lock"])
+        self.assertEqual(sorted(os.listdir(work_dir)), ["build", "cache", "lock", "processes"])
         self.assertEqual(os.listdir(directory.build), [])
 
 
@@ -155,6 +155,16 @@ class BotProcessTests(unittest.TestCase):
             self.assertEqual(method, "UpdateBotSession")
 
         process.send_signal(signal.SIGTERM)
+
+        # Each session cancels its long poll and reports BOT_TERMINATING once.
+        terminating = set()
+        for _ in range(2):
+            method, request, reply = await bots.next_call(timeout=30)
+            self.assertEqual(method, "UpdateBotSession")
+            self.assertEqual(request.bot_session.status, bots_pb2.BOT_TERMINATING)
+            terminating.add(request.bot_session.bot_id)
+            reply.set_result(bots_pb2.BotSession(name=request.name))
+        self.assertEqual(terminating, {"proc.0", "proc.1"})
         exit_code = await asyncio.wait_for(process.wait(), 30)
 
         with open(stderr_path) as log:

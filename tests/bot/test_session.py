@@ -6,6 +6,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2
 from twisted.internet import task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -49,7 +50,7 @@ class FakeExecutor:
 
 
 class SessionLoopTestCase(unittest.TestCase):
-    async def start_loop(self, address=None, poll_timeout=30.0):
+    async def start_loop(self, address=None, poll_timeout=30.0, stop_report_timeout=5.0):
         self.bots = ScriptedBots()
         if address is None:
             address = await start_server(self, bots=self.bots)
@@ -59,15 +60,33 @@ class SessionLoopTestCase(unittest.TestCase):
         self.loop = SessionLoop(
             stub, "bot.0", "main", WORKER, "bgrid-bot/test", self.executor.execute, self.clock,
             backoff=Backoff(initial=1.0, maximum=4.0, random_fraction=lambda: 1.0),
-            poll_timeout=poll_timeout,
+            poll_timeout=poll_timeout, stop_report_timeout=stop_report_timeout,
         )
-        running = asyncio.ensure_future(self.loop.run())
+        self.running = asyncio.ensure_future(self.loop.run())
+        self.addCleanup(lambda: as_deferred(self.stop_loop()))
 
-        async def stop():
-            running.cancel()
-            await asyncio.wait({running})
+    async def stop_loop(self, answer=True):
+        """Cancel the loop, as the bot's stop does, and wait until it ends.
 
-        self.addCleanup(lambda: as_deferred(stop()))
+        Returns the BOT_TERMINATING report among the calls that arrive meanwhile, or None.
+        Unless ``answer`` is False, each call gets an empty BotSession, so that the loop
+        need not wait for its deadline.
+        """
+        self.running.cancel()
+        final_report = None
+        while not self.running.done():
+            next_call = asyncio.ensure_future(self.bots.calls.get())
+            await asyncio.wait({self.running, next_call}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_call.done():
+                next_call.cancel()
+                break
+            _, request, reply = next_call.result()
+            if request.bot_session.status == bots_pb2.BOT_TERMINATING:
+                final_report = request
+            if answer and not reply.done():
+                reply.set_result(bots_pb2.BotSession(name=request.bot_session.name))
+        await asyncio.wait({self.running})
+        return final_report
 
     async def expect(self, method):
         called, request, reply = await self.bots.next_call()
@@ -226,6 +245,88 @@ class LeaseTests(SessionLoopTestCase):
         request, _ = await self.expect("UpdateBotSession")
         (lease,) = request.bot_session.leases
         self.assertEqual(lease.state, bots_pb2.COMPLETED)
+
+
+class StopTests(SessionLoopTestCase):
+    async def start_running_lease(self):
+        """Open a session whose lease ``lease-1`` runs; return the open long poll's reply."""
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        _, poll = await self.expect("UpdateBotSession")
+        return poll
+
+    @async_test
+    async def test_running_lease_returned_as_unavailable(self):
+        poll = await self.start_running_lease()
+
+        report = await self.stop_loop()
+
+        self.assertEqual(self.executor.cancelled, ["lease-1"])
+        self.assertTrue(poll.cancelled(), "the open long poll was not cancelled")
+        self.assertEqual(report.name, "sessions/1")
+        self.assertEqual(report.bot_session.status, bots_pb2.BOT_TERMINATING)
+        (lease,) = report.bot_session.leases
+        self.assertEqual((lease.id, lease.state), ("lease-1", bots_pb2.CANCELLED))
+        self.assertEqual(lease.status.code, code_pb2.UNAVAILABLE)
+        self.assertIn("bot.0 is stopping", lease.status.message)
+        self.assertIsNone(self.loop.session_name)
+        self.assertIsNone(self.loop.lease)
+
+    @async_test
+    async def test_finished_lease_reported_completed(self):
+        await self.start_running_lease()
+        result = re_pb2.ActionResult(exit_code=0)
+        self.executor.outcomes["lease-1"].set_result(
+            LeaseOutcome(make_status(code_pb2.OK, ""), result)
+        )
+        # The result goes out in the next call, which the server leaves unanswered.
+        await self.expect("UpdateBotSession")
+
+        report = await self.stop_loop()
+
+        (lease,) = report.bot_session.leases
+        self.assertEqual((lease.id, lease.state), ("lease-1", bots_pb2.COMPLETED))
+        self.assertEqual(lease.status.code, code_pb2.OK)
+        reported = re_pb2.ActionResult()
+        self.assertTrue(lease.result.Unpack(reported))
+        self.assertEqual(reported, result)
+        self.assertEqual(self.executor.cancelled, [])
+
+    @async_test
+    async def test_idle_session_reports_terminating(self):
+        await self.start_loop()
+        await self.open_session()
+
+        report = await self.stop_loop()
+
+        self.assertEqual(report.bot_session.status, bots_pb2.BOT_TERMINATING)
+        self.assertEqual(len(report.bot_session.leases), 0)
+
+    @async_test
+    async def test_no_session_no_report(self):
+        await self.start_loop()
+        await self.expect("CreateBotSession")
+
+        report = await self.stop_loop()
+
+        self.assertIsNone(report)
+
+    @async_test
+    async def test_unanswered_report_ends_at_deadline(self):
+        await self.start_loop(stop_report_timeout=0.2)
+        await self.open_session()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        report = await self.stop_loop(answer=False)
+
+        self.assertEqual(report.bot_session.status, bots_pb2.BOT_TERMINATING)
+        failed = [event for event in events if event.get("code") == "DEADLINE_EXCEEDED"]
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0]["session"], "sessions/1")
 
 
 class RecoveryTests(SessionLoopTestCase):

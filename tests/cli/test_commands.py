@@ -356,6 +356,32 @@ class OperationsCommandTests(GridTestCase):
         self.assertEqual(operation["metadata"]["stage"], "COMPLETED")
         self.assertEqual(operation["response"]["status"]["code"], 1)
 
+    def test_list_shows_why_operation_waits(self):
+        execute = subprocess.Popen(
+            bgrid_argv(
+                "execute", *self.server, "--do-not-cache", "--platform", "OSFamily=windows",
+                "--", "true",
+            ),
+            cwd=self.work, env=bgrid_environment(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(stop_process, execute)
+
+        (listed,) = wait_until(self.list_operations, ACTION_START_TIMEOUT, "no operation was listed")
+
+        self.assertEqual(listed["stage"], "QUEUED")
+        self.assertEqual(listed["waiting"], "no bot matches OSFamily=windows")
+        table = self.bgrid("operations", "list", *self.server)
+        self.assert_exit_status(table, 0)
+        _, row, note = table.stdout.decode().splitlines()
+        self.assertEqual(row.split()[:3], [listed["name"], "QUEUED", "no"])
+        self.assertEqual(note, "  waiting: no bot matches OSFamily=windows")
+
+        cancel = self.bgrid("operations", "cancel", *self.server, listed["name"])
+        self.assert_exit_status(cancel, 0)
+        (cancelled,) = self.list_operations()
+        self.assertIsNone(cancelled["waiting"])
+
     def test_get_and_cancel_unknown_operation(self):
         for words in (["operations", "get"], ["operations", "cancel"]):
             with self.subTest(command=words):

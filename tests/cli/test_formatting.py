@@ -1,10 +1,12 @@
 """In-process checks of how the ``bgrid`` commands build messages and describe results."""
 
 import argparse
+import dataclasses
 
 from google.longrunning import operations_pb2
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from twisted.internet import task
 from twisted.trial import unittest
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -12,6 +14,7 @@ from bgrid.cli.execute import build_action, build_command, output_symlinks
 from bgrid.cli.operations import OperationSummary, format_table
 from bgrid.cli.rpc import describe_status
 from bgrid.digest import Digest
+from bgrid.scheduler import Scheduler
 
 HASH_A = "a" * 64
 HASH_B = "b" * 64
@@ -97,6 +100,74 @@ class OperationSummaryTests(unittest.TestCase):
 
         self.assertEqual(summary.stage, "UNKNOWN")
         self.assertEqual((summary.status, summary.message), ("INTERNAL", "lost"))
+
+    def make_waiting_operation(self, metadata, reason="NO_MATCHING_BOT", domain="bgrid"):
+        """Return a queued Operation whose metadata carries an ErrorInfo."""
+        operation_metadata = re_pb2.ExecuteOperationMetadata(
+            stage=re_pb2.ExecutionStage.QUEUED,
+            action_digest=re_pb2.Digest(hash=HASH_A, size_bytes=12),
+        )
+        info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata)
+        operation_metadata.partial_execution_metadata.auxiliary_metadata.add().Pack(info)
+        operation = operations_pb2.Operation(name="operations/3")
+        operation.metadata.Pack(operation_metadata)
+        return operation
+
+    def test_waiting_notes(self):
+        cases = [
+            ({"platform": "OSFamily=windows", "missing": "OSFamily=windows"},
+             "no bot matches OSFamily=windows"),
+            ({"platform": "OSFamily=windows,cores=8", "missing": "OSFamily=windows"},
+             "no bot matches OSFamily=windows,cores=8 (no bot offers OSFamily=windows)"),
+            ({"platform": "OSFamily=windows,cores=8"},
+             "no bot matches OSFamily=windows,cores=8"),
+            ({"platform": ""}, "no bot is connected to this instance"),
+        ]
+        for metadata, expected in cases:
+            with self.subTest(metadata=metadata):
+                summary = OperationSummary.from_operation(self.make_waiting_operation(metadata))
+
+                self.assertEqual(summary.waiting, expected)
+
+    def test_other_error_info_ignored(self):
+        cases = [("OTHER_REASON", "bgrid"), ("NO_MATCHING_BOT", "example.com")]
+        for reason, domain in cases:
+            with self.subTest(reason=reason, domain=domain):
+                operation = self.make_waiting_operation({"platform": "a=b"}, reason, domain)
+
+                self.assertIsNone(OperationSummary.from_operation(operation).waiting)
+
+    def test_waiting_note_from_scheduler(self):
+        scheduler = Scheduler(task.Clock())
+        self.addCleanup(scheduler.stop)
+        action = re_pb2.Action(
+            command_digest=re_pb2.Digest(hash=HASH_A, size_bytes=1),
+            input_root_digest=re_pb2.Digest(hash=HASH_B, size_bytes=2),
+        )
+        digest = Digest.of(action.SerializeToString())
+        name = scheduler.submit("", digest, action, platform=[("OSFamily", "windows")])
+
+        summary = OperationSummary.from_operation(scheduler.get_operation(name))
+
+        self.assertEqual(summary.waiting, "no bot matches OSFamily=windows")
+        self.assertEqual(summary.stage, "QUEUED")
+        self.assertEqual(
+            dataclasses.asdict(summary)["waiting"], "no bot matches OSFamily=windows"
+        )
+
+    def test_table_waiting_line(self):
+        summaries = [
+            OperationSummary("operations/queued", "QUEUED", False, f"{HASH_A}/1",
+                             waiting="no bot matches OSFamily=windows"),
+            OperationSummary("operations/done", "COMPLETED", True, f"{HASH_B}/2", status="OK"),
+        ]
+
+        lines = format_table(summaries).splitlines()
+
+        self.assertEqual(len(lines), 4)
+        self.assertEqual(lines[1].split()[:2], ["operations/queued", "QUEUED"])
+        self.assertEqual(lines[2], "  waiting: no bot matches OSFamily=windows")
+        self.assertEqual(lines[3].split()[:2], ["operations/done", "COMPLETED"])
 
     def test_table_columns_align(self):
         summaries = [

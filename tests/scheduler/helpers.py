@@ -13,11 +13,16 @@ from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, worker
 from bgrid.digest import Digest
 from bgrid.scheduler import Scheduler
 from bgrid.scheduler.store import LmdbSchedulerStore
+from bgrid.scheduler.timeouts import with_timeout
 from bgrid.storage.environment import LmdbEnvironment
 from tests.util import make_temp_dir
 
 # Enough for every test here, and small enough that a temporary directory never grows large.
 TEST_MAP_SIZE = 64 * 2**20
+
+# The Scheduler's default max_action_timeout, in seconds, which the lease of an action
+# without a timeout carries.
+DEFAULT_MAX_ACTION_TIMEOUT = 3600.0
 
 
 def make_scheduler(test_case, **options):
@@ -38,6 +43,11 @@ def make_action(label, platform=(), do_not_cache=False):
     for name, value in platform:
         action.platform.properties.add(name=name, value=value)
     return Digest.of(action.SerializeToString()), action
+
+
+def as_leased(action, timeout=DEFAULT_MAX_ACTION_TIMEOUT):
+    """Return ``action`` as a lease payload carries it: with the timeout the bot enforces."""
+    return with_timeout(action, timeout)
 
 
 def submit(scheduler, label, instance_name="", **options):
@@ -173,16 +183,17 @@ class RestartableScheduler:
         self.environment = None
         test_case.addCleanup(self._close)
 
-    async def start(self, **options):
+    async def start(self, downtime=0, **options):
         """Open the environment, build a scheduler and recover it; return the scheduler.
 
+        The new clock starts ``downtime`` seconds after the time the previous one reached.
         ``options`` override the options given at construction for this run.
         """
         self.environment = LmdbEnvironment(
             self.path, LmdbSchedulerStore.DATABASE_NAMES, map_size=TEST_MAP_SIZE
         )
         self.environment.start()
-        now = self.clock.seconds() if self.clock is not None else 0
+        now = self.clock.seconds() + downtime if self.clock is not None else 0
         self.clock = task.Clock()
         self.clock.advance(now)
         self.store = LmdbSchedulerStore(self.environment)
@@ -200,10 +211,10 @@ class RestartableScheduler:
         self.scheduler = None
         await self.environment.stop()
 
-    async def restart(self, **options):
-        """Crash, then start again; return the new scheduler."""
+    async def restart(self, downtime=0, **options):
+        """Crash, then start again ``downtime`` seconds later; return the new scheduler."""
         await self.crash()
-        return await self.start(**options)
+        return await self.start(downtime, **options)
 
     async def settle(self, deferred=None):
         """Run the journal's scheduled write and return the result of ``deferred``.

@@ -2,8 +2,9 @@
 
 import random
 
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 from twisted.internet import defer
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -12,6 +13,7 @@ from bgrid.digest import Digest
 from bgrid.errors import InvalidArgumentError, NotFoundError
 from tests.scheduler.helpers import (
     BotClient,
+    as_leased,
     capture_logs,
     make_action,
     make_bot_session,
@@ -84,7 +86,7 @@ class CreateBotSessionTests(unittest.TestCase):
         bot = BotClient(scheduler, "bot-1")
 
         self.assertEqual(bot.lease.state, bots_pb2.PENDING)
-        self.assertEqual(bot.leased_action(), action)
+        self.assertEqual(bot.leased_action(), as_leased(action))
         self.assertEqual(operation_stage(scheduler.get_operation(name)), QUEUED)
 
     def test_same_bot_id_replaces_session(self):
@@ -260,7 +262,7 @@ class LongPollTests(unittest.TestCase):
 
         session = self.successResultOf(poll)
         self.assertEqual(session.leases[0].state, bots_pb2.PENDING)
-        self.assertEqual(bot.leased_action(), action)
+        self.assertEqual(bot.leased_action(), as_leased(action))
         self.assertEqual(operation_stage(scheduler.get_operation(name)), QUEUED)
         self.assertEqual(scheduler.stats()["idle_bots"], 0)
         self.assertEqual(scheduler.stats()["queued_jobs"], 0)
@@ -344,20 +346,21 @@ class LongPollTests(unittest.TestCase):
         self.assertEqual(session.leases[0].id, lease_id)
         self.assertEqual(session.leases[0].state, bots_pb2.PENDING)
 
-    def test_terminating_bot_gets_no_lease(self):
+    def test_terminating_bot_session_closed_at_once(self):
         scheduler, _ = make_scheduler(self)
         bot = BotClient(scheduler, "bot-1")
         request = bots_pb2.BotSession(
             name=bot.name, bot_id="bot-1", status=bots_pb2.BOT_TERMINATING
         )
 
-        poll = scheduler.update_bot_session(bot.name, request)
+        session = self.successResultOf(scheduler.update_bot_session(bot.name, request))
         submit(scheduler, "a")
 
-        self.assertNoResult(poll)
+        self.assertEqual(session.status, bots_pb2.BOT_TERMINATING)
+        self.assertEqual(list(session.leases), [])
+        self.assertEqual(scheduler.stats()["bot_sessions"], 0)
         self.assertEqual(scheduler.stats()["queued_jobs"], 1)
-        poll.cancel()
-        self.failureResultOf(poll, defer.CancelledError)
+        self.failureResultOf(bot.update(wait=False), NotFoundError)
 
 
 class PriorityTests(unittest.TestCase):
@@ -377,7 +380,7 @@ class PriorityTests(unittest.TestCase):
         while bot.lease is not None:
             leased = bot.leased_action()
             label = next(
-                label for label in names if make_action(label)[1] == leased
+                label for label in names if as_leased(make_action(label)[1]) == leased
             )
             order.append(label)
             self.successResultOf(bot.complete(make_result()))
@@ -398,7 +401,7 @@ class PlatformMatchingTests(unittest.TestCase):
         self.assertEqual(list(self.successResultOf(poll).leases), [])
 
         gpu = BotClient(scheduler, "gpu", [("os", "linux")], device_properties=[("gpu", "a100")])
-        self.assertEqual(gpu.leased_action(), action)
+        self.assertEqual(gpu.leased_action(), as_leased(action))
         self.assertEqual(operation_stage(scheduler.get_operation(name)), QUEUED)
 
     def test_waiting_bot_lacking_property_skipped(self):
@@ -523,7 +526,7 @@ class LostLeaseTests(unittest.TestCase):
         clock.advance(60)
         other = BotClient(scheduler, "other")
 
-        self.assertEqual(other.leased_action(), first_action)
+        self.assertEqual(other.leased_action(), as_leased(first_action))
 
     def test_retries_exhausted_fails_job(self):
         scheduler, clock = make_scheduler(self, bot_keepalive_timeout=60, max_job_retries=2)
@@ -571,6 +574,122 @@ class LostLeaseTests(unittest.TestCase):
 
         self.assertNotEqual(session.leases[0].id, lease_id)
         self.assertEqual(scheduler.stats()["leases"], 1)
+
+
+class TerminatingBotTests(unittest.TestCase):
+    def terminate(self, bot, leases):
+        """Send the bot's last UpdateBotSession, with BOT_TERMINATING; return the session."""
+        request = bots_pb2.BotSession(
+            name=bot.name, bot_id=bot.bot_id, status=bots_pb2.BOT_TERMINATING, leases=leases
+        )
+        return self.successResultOf(bot.scheduler.update_bot_session(bot.name, request))
+
+    def returned_lease(self, lease_id):
+        return bots_pb2.Lease(
+            id=lease_id,
+            state=bots_pb2.CANCELLED,
+            status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message="bot stopping"),
+        )
+
+    def test_returned_lease_requeued_without_retry(self):
+        scheduler, _ = make_scheduler(self, max_job_retries=0)
+        events = capture_logs(self)
+        name = submit(scheduler, "a")
+        stopping = BotClient(scheduler, "stopping")
+        self.successResultOf(stopping.accept())
+        lease_id = stopping.lease.id
+
+        session = self.terminate(stopping, [self.returned_lease(lease_id)])
+
+        self.assertEqual(list(session.leases), [])
+        self.assertEqual(scheduler.stats()["bot_sessions"], 0)
+        self.assertEqual(operation_stage(scheduler.get_operation(name)), QUEUED)
+        self.assertFalse(scheduler.get_operation(name).done)
+        self.assertEqual(len(logged_with(events, lease_id=lease_id, retry=1)), 0)
+        other = BotClient(scheduler, "other")
+        self.assertIsNotNone(other.lease)
+        self.successResultOf(other.complete(make_result(stdout=b"second bot")))
+        response = operation_response(scheduler.get_operation(name))
+        self.assertEqual(response.result.stdout_raw, b"second bot")
+
+    def test_returned_lease_goes_to_waiting_bot_at_once(self):
+        scheduler, _ = make_scheduler(self)
+        name = submit(scheduler, "a")
+        stopping = BotClient(scheduler, "stopping")
+        self.successResultOf(stopping.accept())
+        waiting = BotClient(scheduler, "waiting")
+        poll = waiting.update()
+
+        self.terminate(stopping, [self.returned_lease(stopping.lease.id)])
+
+        session = self.successResultOf(poll)
+        self.assertEqual(session.leases[0].state, bots_pb2.PENDING)
+        self.successResultOf(waiting.accept())
+        self.assertEqual(operation_stage(scheduler.get_operation(name)), EXECUTING)
+
+    def test_cancelled_lease_of_running_bot_counts_retry(self):
+        scheduler, _ = make_scheduler(self, max_job_retries=0)
+        name = submit(scheduler, "a")
+        bot = BotClient(scheduler, "bot-1")
+        self.successResultOf(bot.accept())
+
+        self.successResultOf(bot.update(leases=[self.returned_lease(bot.lease.id)], wait=False))
+
+        status = operation_response(scheduler.get_operation(name)).status
+        self.assertEqual(status.code, code_pb2.UNAVAILABLE)
+
+    def test_completed_lease_reported_before_close(self):
+        scheduler, _ = make_scheduler(self)
+        name = submit(scheduler, "a")
+        bot = BotClient(scheduler, "bot-1")
+        self.successResultOf(bot.accept())
+        finished = bots_pb2.Lease(
+            id=bot.lease.id, state=bots_pb2.COMPLETED, status=status_pb2.Status(code=code_pb2.OK)
+        )
+        finished.result.Pack(make_result(stdout=b"done before stopping"))
+
+        session = self.terminate(bot, [finished])
+
+        self.assertEqual(list(session.leases), [])
+        response = operation_response(scheduler.get_operation(name))
+        self.assertEqual(response.result.stdout_raw, b"done before stopping")
+        self.assertEqual(scheduler.stats()["bot_sessions"], 0)
+
+    def test_unreported_pending_lease_requeued_without_retry(self):
+        scheduler, _ = make_scheduler(self, max_job_retries=0)
+        name = submit(scheduler, "a")
+        bot = BotClient(scheduler, "bot-1")
+        self.assertEqual(bot.lease.state, bots_pb2.PENDING)
+
+        self.terminate(bot, [])
+
+        self.assertFalse(scheduler.get_operation(name).done)
+        self.assertEqual(scheduler.stats()["queued_jobs"], 1)
+        self.assertEqual(scheduler.stats()["leases"], 0)
+
+    def test_unreported_active_lease_counts_retry(self):
+        scheduler, _ = make_scheduler(self, max_job_retries=0)
+        name = submit(scheduler, "a")
+        bot = BotClient(scheduler, "bot-1")
+        self.successResultOf(bot.accept())
+
+        self.terminate(bot, [])
+
+        status = operation_response(scheduler.get_operation(name)).status
+        self.assertEqual(status.code, code_pb2.UNAVAILABLE)
+        self.assertEqual(scheduler.stats()["bot_sessions"], 0)
+
+    def test_terminating_session_logged_as_info(self):
+        scheduler, _ = make_scheduler(self)
+        events = capture_logs(self)
+        bot = BotClient(scheduler, "bot-1")
+
+        self.terminate(bot, [])
+
+        closed = logged_with(events, session_name=bot.name, bot_id="bot-1")
+        closed = [event for event in closed if "terminating" in event.get("reason", "")]
+        self.assertEqual(len(closed), 1)
+        self.assertEqual(closed[0]["log_level"], LogLevel.info)
 
 
 class IgnoredLeaseTests(unittest.TestCase):
@@ -667,6 +786,9 @@ class ManyJobsTests(unittest.TestCase):
         """Run ``count`` jobs on ``bot`` and return their action digests in order."""
         digests = []
         for _ in range(count):
-            digests.append(Digest.of(bot.leased_action().SerializeToString()))
+            # The submitted actions have no timeout, and the lease adds the maximum.
+            submitted = bot.leased_action()
+            submitted.ClearField("timeout")
+            digests.append(Digest.of(submitted.SerializeToString()))
             self.successResultOf(bot.complete(make_result()))
         return digests

@@ -17,8 +17,9 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2
 from bgrid.errors import NotFoundError, ResourceExhaustedError
 from bgrid.scheduler import Scheduler
-from bgrid.scheduler.codec import RecordFormatError
+from bgrid.scheduler.codec import RecordFormatError, decode_lease, encode_lease
 from bgrid.scheduler.journal import FIRST_RETRY_DELAY
+from bgrid.scheduler.lease import Lease
 from bgrid.scheduler.store import (
     JOBS,
     META,
@@ -31,6 +32,7 @@ from tests.scheduler.helpers import (
     TEST_MAP_SIZE,
     BotClient,
     RestartableScheduler,
+    as_leased,
     capture_logs,
     make_action,
     make_result,
@@ -79,7 +81,7 @@ async def start_wrapped_scheduler(test_case, **options):
 
 def label_of(action, labels):
     """Return the label among ``labels`` whose ``make_action`` Action is ``action``."""
-    return next(label for label in labels if make_action(label)[1] == action)
+    return next(label for label in labels if as_leased(make_action(label)[1]) == action)
 
 
 class QueueRecoveryTests(unittest.TestCase):
@@ -205,7 +207,7 @@ class LeaseRecoveryTests(unittest.TestCase):
         self.assertEqual(operation_stage(scheduler.get_operation(name)), QUEUED)
         self.failureResultOf(lost.update(wait=False), NotFoundError)
         other = BotClient(scheduler, "other")
-        self.assertEqual(other.leased_action(), action)
+        self.assertEqual(other.leased_action(), as_leased(action))
 
     async def test_absent_bot_counts_retry(self):
         restartable = RestartableScheduler(self, bot_keepalive_timeout=60, max_job_retries=0)
@@ -479,3 +481,22 @@ class StoredRecordTests(unittest.TestCase):
         skipped = [event for event in events if event.get("kind") == "job"]
         self.assertEqual(len(skipped), 1)
         self.assertIn("not UTF-8 JSON", str(skipped[0]["error"]))
+
+    def test_lease_start_time_round_trip(self):
+        lease = Lease("lease-1", "job-1", "botSessions/1", bots_pb2.ACTIVE, started_time=12.5)
+
+        decoded = decode_lease(encode_lease(lease))
+
+        self.assertEqual(decoded.started_time, 12.5)
+        self.assertEqual(decoded.state, bots_pb2.ACTIVE)
+
+    def test_lease_without_start_time_decoded(self):
+        stored = json.dumps({
+            "lease_id": "lease-1", "job_id": "job-1", "session_name": "botSessions/1",
+            "state": bots_pb2.ACTIVE,
+        }).encode()
+
+        decoded = decode_lease(stored)
+
+        self.assertIsNone(decoded.started_time)
+        self.assertEqual(decoded.job_id, "job-1")

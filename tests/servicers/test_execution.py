@@ -42,6 +42,9 @@ class ExecuteTests(ExecutionServicerTestCase):
         bot = RemoteBot(self.bots, "bot-1")
         await bot.create()
         leased = bot.leased_action()
+        # The lease adds the server's maximum timeout to an action without one.
+        self.assertEqual(leased.timeout.seconds, 3600)
+        leased.ClearField("timeout")
         self.assertEqual(Digest.of(leased.SerializeToString()), action_digest)
         await bot.accept()
         executing = await self.next_operation(call)
