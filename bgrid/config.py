@@ -69,7 +69,7 @@ class ServerConfig:
     max_cas_size: int = 10 * 2**30
     # Fraction of max_cas_size that eviction goes down to once the quota is reached.
     cas_low_watermark: float = 0.9
-    # Bot processes the daemon starts and keeps running beside itself.
+    # Actions run at once by the one bot process the daemon starts beside itself; 0 starts none.
     local_bots: int = 0
     local_bot_properties: list = dataclasses.field(default_factory=list)
     # Seconds a bot session may go without calling UpdateBotSession before it is closed.

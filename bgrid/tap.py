@@ -135,9 +135,9 @@ class Options(usage.Options):
             local_bots=convert("local-bots", integer, minimum=0),
             local_bot_properties=list(self["local-bot-property"]),
             bot_keepalive_timeout=convert("bot-keepalive", parse_seconds, minimum=1.0),
-            max_long_poll=convert("max-long-poll", parse_seconds, minimum=0.0),
+            max_long_poll=convert("max-long-poll", parse_seconds, minimum=0.1),
             max_job_retries=convert("max-job-retries", integer, minimum=0),
-            operation_retention=convert("operation-retention", parse_seconds, minimum=0.0),
+            operation_retention=convert("operation-retention", parse_seconds, minimum=1.0),
             max_action_timeout=convert("max-action-timeout", parse_seconds, minimum=1.0),
             action_timeout_grace=convert("action-timeout-grace", parse_seconds, minimum=0.0),
         )

@@ -175,7 +175,7 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         ``action.timeout``.
         """
         requirements = normalize_properties(platform or ())
-        check_action_timeout(action)
+        check_action_timeout(action, self._max_action_timeout)
         do_not_cache = bool(do_not_cache or action.do_not_cache)
 
         job = None

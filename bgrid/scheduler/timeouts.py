@@ -1,7 +1,8 @@
 """Action timeouts under the server's maximum, and the timers that end leases that overrun.
 
-An action runs for at most the server's maximum action timeout: an Action without a
-timeout, or with a longer one, is leased with the maximum. A lease that stays ACTIVE for
+An action runs for at most the server's maximum action timeout: an Action with a longer
+timeout is rejected, as REAPI requires, and one without a timeout is leased with the
+maximum. A lease that stays ACTIVE for
 its timeout plus a grace period, which covers fetching inputs and uploading outputs, is
 taken back from its bot, and its job fails with DEADLINE_EXCEEDED.
 """
@@ -10,12 +11,19 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid.errors import InvalidArgumentError
 
 
-def check_action_timeout(action):
-    """Raise InvalidArgumentError when ``action.timeout`` is negative."""
-    if action.HasField("timeout") and action.timeout.ToNanoseconds() < 0:
-        seconds = action.timeout.ToNanoseconds() / 1e9
+def check_action_timeout(action, maximum):
+    """Raise InvalidArgumentError when ``action.timeout`` is negative or above ``maximum``."""
+    if not action.HasField("timeout"):
+        return
+    seconds = action.timeout.ToNanoseconds() / 1e9
+    if seconds < 0:
         raise InvalidArgumentError(
             f"invalid Action.timeout {seconds:g} s: it must not be negative"
+        )
+    if seconds > maximum:
+        raise InvalidArgumentError(
+            f"invalid Action.timeout {seconds:g} s: this server runs actions for at most "
+            f"{maximum:g} s (--max-action-timeout)"
         )
 
 
@@ -24,9 +32,6 @@ def action_timeout(action, maximum):
 
     A missing or zero timeout means ``maximum``.
     """
-    # NOTE: the comment on Action.timeout in REAPI v2's remote_execution.proto requires a
-    # server to reject an Action whose timeout exceeds its maximum. bgrid runs it with the
-    # maximum instead, so that a client's generous timeout does not fail the build.
     if action.HasField("timeout"):
         seconds = action.timeout.ToNanoseconds() / 1e9
         if seconds > 0:

@@ -11,6 +11,10 @@ from bgrid.servicers.base import unary_handler
 LOW_API_VERSION = semver_pb2.SemVer(major=2, minor=0)
 HIGH_API_VERSION = semver_pb2.SemVer(major=2, minor=3)
 
+ANY_PRIORITY = re_pb2.PriorityCapabilities(
+    priorities=[re_pb2.PriorityCapabilities.PriorityRange(min_priority=-(2**31), max_priority=2**31 - 1)]
+)
+
 
 class CapabilitiesServicer(remote_execution_pb2_grpc.CapabilitiesServicer):
     """Serves ``GetCapabilities`` for every configured instance name.
@@ -50,6 +54,8 @@ def _build_capabilities(max_batch_total_size_bytes, max_cas_blob_size_bytes, exe
         # outside the exec root.
         symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED,
         max_cas_blob_size_bytes=max_cas_blob_size_bytes,
+        # ResultsCachePolicy.priority is accepted and ignored.
+        cache_priority_capabilities=ANY_PRIORITY,
         # No compressors (supported_compressors, supported_batch_update_compressors) and
         # no SplitBlob or SpliceBlob: the fields keep their empty defaults.
     )
@@ -57,6 +63,8 @@ def _build_capabilities(max_batch_total_size_bytes, max_cas_blob_size_bytes, exe
         digest_function=sha256,
         digest_functions=[sha256],
         exec_enabled=execution_enabled,
+        # The scheduler orders jobs by any int32 ExecutionPolicy.priority, smaller first.
+        execution_priority_capabilities=ANY_PRIORITY,
     )
     return re_pb2.ServerCapabilities(
         cache_capabilities=cache,

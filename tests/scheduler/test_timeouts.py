@@ -57,7 +57,6 @@ class LeasedTimeoutTests(unittest.TestCase):
             ("zero", 0, 600.0),
             ("shorter", 30, 30.0),
             ("equal", 600, 600.0),
-            ("longer", 7200, 600.0),
         ]
         for label, requested, expected in cases:
             with self.subTest(label):
@@ -80,15 +79,14 @@ class LeasedTimeoutTests(unittest.TestCase):
 
         self.assertEqual(bot.leased_action(), as_leased(action, 600))
 
-    def test_clamped_timeout_logged(self):
+    def test_timeout_above_maximum_rejected(self):
         scheduler, _ = make_scheduler(self, max_action_timeout=600)
-        events = capture_logs(self)
 
-        submit_with_timeout(scheduler, "a", 7200)
+        error = self.assertRaises(InvalidArgumentError, submit_with_timeout, scheduler, "a", 7200)
 
-        logged = [event for event in events if event.get("requested") == 7200]
-        self.assertEqual(len(logged), 1)
-        self.assertEqual(logged[0]["maximum"], 600)
+        self.assertIn("Action.timeout 7200 s", error.message)
+        self.assertIn("at most 600 s", error.message)
+        self.assertEqual(scheduler.stats()["jobs"], 0)
 
     def test_negative_timeout_rejected(self):
         scheduler, _ = make_scheduler(self)

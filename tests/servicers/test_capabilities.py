@@ -38,6 +38,18 @@ class GetCapabilitiesTests(ServicerTestCase):
         self.assertEqual(list(execution.digest_functions), [re_pb2.DigestFunction.SHA256])
 
     @async_test
+    async def test_every_priority_accepted(self):
+        response = await self.capabilities.GetCapabilities(re_pb2.GetCapabilitiesRequest())
+
+        for capabilities in (
+            response.execution_capabilities.execution_priority_capabilities,
+            response.cache_capabilities.cache_priority_capabilities,
+        ):
+            self.assertEqual(len(capabilities.priorities), 1)
+            self.assertEqual(capabilities.priorities[0].min_priority, -(2**31))
+            self.assertEqual(capabilities.priorities[0].max_priority, 2**31 - 1)
+
+    @async_test
     async def test_api_versions(self):
         response = await self.capabilities.GetCapabilities(re_pb2.GetCapabilitiesRequest())
 
