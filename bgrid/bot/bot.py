@@ -94,8 +94,6 @@ class BotConfig:
     instance_name: str = ""
     # Platform properties as (name, value) pairs, reported as worker properties.
     properties: list = field(default_factory=list)
-    # Whether actions get SIGKILL when the bot dies (see bgrid.bot.runner.run_process).
-    parent_death_signal: bool = False
 
 
 class Bot:
@@ -141,7 +139,6 @@ class Bot:
             executor = ActionExecutor(
                 cas, cache, self.work_directory.build, config.name, self._clock,
                 process_groups=self.work_directory.process_groups,
-                parent_death_signal=config.parent_death_signal,
             )
             stub = bots_pb2_grpc.BotsStub(channel)
             worker = worker_pb2.Worker(

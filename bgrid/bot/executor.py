@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid.bot.outputs import OutputSpec, collect_outputs
+from bgrid.bot.retry import DEFAULT_RESULT_RETRY_SECONDS, retry_transient
 from bgrid.bot.runner import run_process
 from bgrid.bot.staging import fetch_input_layout, remove_tree, stage_layout
 from bgrid.client.tree import hash_file
@@ -53,32 +54,33 @@ class ActionExecutor:
 
     Each lease gets a fresh build directory ``{build_root}/{random id}`` with the exec root
     and the stdout and stderr files. It is removed when the lease ends in any way.
-    Timestamps and the action timeout use ``clock`` (an ``IReactorTime``). The process
-    group of each running command is recorded in ``process_groups``, a
-    ``bgrid.bot.processes.ProcessGroupRecords``, unless it is None. ``parent_death_signal``
-    is passed to ``run_process``.
+    Timestamps, the action timeout and the retries of uploads use ``clock`` (an
+    ``IReactorTime``). The process group of each running command is recorded in
+    ``process_groups``, a ``bgrid.bot.processes.ProcessGroupRecords``, unless it is None.
     """
 
     log = Logger()
 
-    def __init__(self, cas, cache, build_root, bot_name, clock, process_groups=None,
-                 parent_death_signal=False):
+    def __init__(self, cas, cache, build_root, bot_name, clock, process_groups=None):
         self._cas = cas
         self._cache = cache
         self._build_root = build_root
         self._bot_name = bot_name
         self._clock = clock
         self._process_groups = process_groups
-        self._parent_death_signal = parent_death_signal
 
-    async def execute(self, payload, lease_id="", bot_id=""):
+    async def execute(self, payload, lease_id="", bot_id="",
+                      result_retry_seconds=DEFAULT_RESULT_RETRY_SECONDS):
         """Run the action of a lease payload and return its ``LeaseOutcome``.
 
         ``payload`` is an ``Any`` packing an Action or the Digest of one. The status is OK,
         DEADLINE_EXCEEDED (with the partial stdout and stderr in the result), INVALID_ARGUMENT
         for an invalid action or input tree, FAILED_PRECONDITION listing the blobs missing
         from the CAS, or INTERNAL for a failure of the bot. Every Exception becomes a status.
-        Cancelling the coroutine kills the command's process group and raises CancelledError.
+        Uploads of the outputs that fail transiently, as while the server restarts, are
+        retried for up to ``result_retry_seconds`` after the first failure. After that, the
+        status is the upload's error, such as UNAVAILABLE. Cancelling the coroutine kills
+        the command's process group and raises CancelledError.
         """
         metadata = re_pb2.ExecutedActionMetadata(
             worker=self._bot_name, worker_start_timestamp=self._now()
@@ -86,7 +88,9 @@ class ActionExecutor:
         build_directory = os.path.join(self._build_root, uuid.uuid4().hex)
         try:
             await asyncio.to_thread(os.mkdir, build_directory)
-            return await self._execute(payload, metadata, build_directory, lease_id, bot_id)
+            return await self._execute(
+                payload, metadata, build_directory, lease_id, bot_id, result_retry_seconds
+            )
         except BgridError as error:
             self.log.info(
                 "lease {lease_id} on bot {bot_id} failed: {error}",
@@ -136,7 +140,8 @@ class ActionExecutor:
             f"Digest of one"
         )
 
-    async def _execute(self, payload, metadata, build_directory, lease_id, bot_id):
+    async def _execute(self, payload, metadata, build_directory, lease_id, bot_id,
+                       result_retry_seconds):
         action = await self._resolve_action(payload)
         command_digest = Digest.from_proto(action.command_digest, "Action.command_digest")
         input_root_digest = Digest.from_proto(action.input_root_digest, "Action.input_root_digest")
@@ -179,7 +184,6 @@ class ActionExecutor:
             list(command.arguments), environment, working_directory, stdout_path, stderr_path,
             timeout=timeout, clock=self._clock,
             process_groups=self._process_groups,
-            parent_death_signal=self._parent_death_signal,
         )
         metadata.execution_completed_timestamp.CopyFrom(self._now())
         metadata.virtual_execution_duration.CopyFrom(_duration(process.duration))
@@ -192,7 +196,12 @@ class ActionExecutor:
         files = dict(collected.files)
         files.setdefault(stdout_digest, stdout_path)
         files.setdefault(stderr_digest, stderr_path)
-        await self._cas.upload_missing(blobs=collected.blobs, files=files)
+        # Uploads that were cut off are resumed without sending blobs again, because each
+        # attempt calls FindMissingBlobs first.
+        await retry_transient(
+            lambda: self._cas.upload_missing(blobs=collected.blobs, files=files),
+            self._clock, result_retry_seconds, "uploading the outputs", lease_id, bot_id,
+        )
         metadata.output_upload_completed_timestamp.CopyFrom(self._now())
 
         result = collected.result

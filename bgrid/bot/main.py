@@ -6,31 +6,31 @@ the parsed arguments. ``python -m bgrid.bot.main OPTIONS`` runs the bot without 
 
 import argparse
 import asyncio
+import hashlib
 import os
-import re
 import socket
 import sys
 
-# The bot forks each action's command with a preexec_fn that sets its parent death signal,
-# and gRPC's fork handlers can crash such a child while gRPC threads are busy (with grpcio
-# 1.85.3, several of 40 actions exited with SIGSEGV). gRPC reads this variable when it is
-# imported, so this comes before any import of grpc. The ``bgrid`` command imports grpc
-# before it hands ``bgrid bot`` to this module, so there the variable must be set earlier.
-_GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
-if "grpc" not in sys.modules:
-    os.environ[_GRPC_FORK_SUPPORT] = "false"
-GRPC_FORK_HANDLERS_DISABLED = os.environ.get(_GRPC_FORK_SUPPORT, "").lower() in ("false", "0")
+from bgrid.bot.bot import Bot, BotConfig, WorkDirectory, WorkDirectoryBusyError
+from bgrid.client.channel import parse_address
+from bgrid.config import parse_size
+from bgrid.errors import InvalidArgumentError
 
-from bgrid.bot.bot import Bot, BotConfig, WorkDirectory, WorkDirectoryBusyError  # noqa: E402
-from bgrid.bot.runner import parent_death_signal_available  # noqa: E402
-from bgrid.client.channel import parse_address  # noqa: E402
-from bgrid.errors import InvalidArgumentError  # noqa: E402
-
-DEFAULT_CACHE_MAX_BYTES = 10 * 1024 ** 3
+DEFAULT_CACHE_MAX_BYTES = 10 * 2**30
 DEFAULT_WORK_DIRECTORY = "bgrid-bot-work"
 
-_SIZE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+def default_bot_name(work_directory):
+    """Return ``{host name}-{8 hex digits}``, the digits from the SHA-256 of the absolute
+    ``work_directory``.
+
+    Bots on one host with different work directories get different names, and a bot
+    restarted on the same work directory gets its old name, so its new sessions replace
+    the old ones at once.
+    """
+    path = os.path.abspath(work_directory)
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()
+    return f"{socket.gethostname()}-{digest[:8]}"
 
 
 def _server_address(text):
@@ -61,13 +61,10 @@ def _positive_integer(text):
 
 
 def _size_in_bytes(text):
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: expected a number of bytes, optionally followed by "
-            f"K, M, G or T (powers of 1024), for example 20G"
-        )
-    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _bot_name(text):
@@ -106,14 +103,18 @@ def add_arguments(parser):
              "(default: the number of CPUs, %(default)s here)",
     )
     parser.add_argument(
-        "--name", type=_bot_name, default=socket.gethostname(), metavar="NAME",
-        help="bot name; session N uses the bot id NAME.N (default: the host name)",
+        "--name", type=_bot_name, default=None, metavar="NAME",
+        help="bot name, unique among the bots of the server; session N uses the bot id "
+             "NAME.N (default: the host name, a hyphen and 8 hex digits of the SHA-256 of "
+             "the absolute work directory, so that it stays the same for one work "
+             "directory and differs between work directories)",
     )
     parser.add_argument(
-        "--cache-size", type=_size_in_bytes, default=DEFAULT_CACHE_MAX_BYTES, metavar="BYTES",
-        help="maximum size of the local blob cache in bytes, optionally with a suffix K, M, "
-             "G or T (powers of 1024); the least recently used blobs are removed beyond it "
-             "(default: 10G)",
+        "--cache-size", type=_size_in_bytes, default=DEFAULT_CACHE_MAX_BYTES, metavar="SIZE",
+        help="maximum size of the local blob cache: a number of bytes, optionally with a "
+             "unit KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), "
+             "as the daemon's sizes; the least recently used blobs are removed beyond it "
+             "(default: 10GiB)",
     )
 
 
@@ -166,12 +167,11 @@ def run(args):
     """
     config = BotConfig(
         server=args.server,
-        name=args.name,
+        name=args.name or default_bot_name(args.work_dir),
         concurrency=args.concurrency,
         cache_max_bytes=args.cache_size,
         instance_name=args.instance,
         properties=list(args.properties),
-        parent_death_signal=GRPC_FORK_HANDLERS_DISABLED and parent_death_signal_available(),
     )
     try:
         work_directory = WorkDirectory.open(args.work_dir)
@@ -192,12 +192,6 @@ def run(args):
     from twisted.logger import Logger
 
     log = Logger(namespace="bgrid.bot")
-    if parent_death_signal_available() and not config.parent_death_signal:
-        log.warn(
-            "gRPC was imported with its fork handlers enabled, so actions keep running if "
-            "the bot is killed, until the next bot in this work directory kills them. Set "
-            "GRPC_ENABLE_FORK_SUPPORT=false or run python -m bgrid.bot.main"
-        )
     bot = Bot(config, work_directory, reactor)
     exit_code = 0
 

@@ -28,11 +28,8 @@ def read_boot_id():
         return ""
 
 
-def read_process_stat(pid):
-    """Return ``(process_group_id, start_time)`` of a process, or None when it is gone.
-
-    ``start_time`` is in clock ticks since boot. A zombie still has both.
-    """
+def _read_stat(pid):
+    """Return ``(state, process_group_id, start_time)`` of a process, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as source:
             data = source.read()
@@ -41,18 +38,30 @@ def read_process_stat(pid):
     # The command name, field 2, is in parentheses and may contain spaces, so the fields
     # are counted from the last ")": there field 3 (state) has index 0.
     fields = data.rpartition(b")")[2].split()
-    return int(fields[2]), int(fields[19])
+    return fields[0].decode(), int(fields[2]), int(fields[19])
+
+
+def read_process_stat(pid):
+    """Return ``(process_group_id, start_time)`` of a process, or None when it is gone.
+
+    ``start_time`` is in clock ticks since boot. A zombie still has both.
+    """
+    stat = _read_stat(pid)
+    return None if stat is None else stat[1:]
 
 
 def find_group_members(process_group_id):
-    """Return ``{pid: start_time}`` of the processes in a process group."""
+    """Return ``{pid: start_time}`` of the live processes in a process group.
+
+    Zombies are left out: they have exited, and no signal reaches them.
+    """
     members = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        stat = read_process_stat(int(entry))
-        if stat is not None and stat[0] == process_group_id:
-            members[int(entry)] = stat[1]
+        stat = _read_stat(int(entry))
+        if stat is not None and stat[0] != "Z" and stat[1] == process_group_id:
+            members[int(entry)] = stat[2]
     return members
 
 

@@ -10,9 +10,12 @@ again, each call reporting the bot's view of its lease:
   dropped. When the action finishes first, the open call is cancelled and the result is
   reported at once as COMPLETED.
 * A lease reported as COMPLETED is dropped as soon as a report carrying it succeeds.
-* NOT_FOUND for the session (it expired, or the server restarted) drops the session and the
-  lease, and a new session is created. Other failures are retried with capped exponential
-  backoff.
+* NOT_FOUND for the session (it expired, or another bot with the same bot id replaced it)
+  drops the session and the lease, and a new session is created: at once for the first
+  NOT_FOUND_BEFORE_BACKOFF responses in a row, after a growing delay from then on. Other
+  failures are retried with capped exponential backoff. A completed lease's report is
+  retried only for as long as the lease can still be valid on the server, and then the
+  result is given up.
 * When the loop is cancelled, because the bot stops, the open call is cancelled, the
   action's process group is killed, and one last UpdateBotSession reports status
   BOT_TERMINATING. It returns a running lease as CANCELLED with status UNAVAILABLE, so that
@@ -22,16 +25,19 @@ again, each call reporting the bot's view of its lease:
 
 import asyncio
 import contextlib
-import random
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2
-from twisted.internet import task
 from twisted.logger import Logger
 
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2
-from bgrid.bridge import as_future
+from bgrid.bot.retry import (
+    DEFAULT_SERVER_KEEPALIVE_SECONDS,
+    RESULT_RETRY_MARGIN_SECONDS,
+    Backoff,
+    sleep,
+)
 from bgrid.errors import make_status
 
 # Deadline of each UpdateBotSession call, in seconds. bgrid's server keeps an idle bot's call
@@ -42,46 +48,39 @@ POLL_TIMEOUT_SECONDS = 30.0
 # fails or times out, the server closes the session after its keepalive timeout instead.
 STOP_REPORT_TIMEOUT_SECONDS = 5.0
 
+# NOT_FOUND responses for the session in a row after which the bot waits before it creates
+# the next session. Another bot with the same bot id closes the session each time it
+# creates its own, and without a pause the two would do so in a tight loop.
+NOT_FOUND_BEFORE_BACKOFF = 3
 
-class Backoff:
-    """Capped exponential delays, in seconds, with jitter so that bots do not retry in step.
-
-    The n-th delay (from 0) is ``min(initial * 2**n, maximum)`` times a factor between 0.5
-    and 1 taken from ``random_fraction()``.
-    """
-
-    def __init__(self, initial=0.5, maximum=30.0, random_fraction=random.random):
-        self.initial = initial
-        self.maximum = maximum
-        self._random_fraction = random_fraction
-        self._failures = 0
-
-    def next_delay(self):
-        """Return the delay before the next retry and count one more failure."""
-        delay = min(self.initial * 2 ** self._failures, self.maximum)
-        self._failures = min(self._failures + 1, 64)
-        return delay * (0.5 + self._random_fraction() / 2)
-
-    def reset(self):
-        """Start again from ``initial`` after a success."""
-        self._failures = 0
+# Range in seconds of keepalive timeouts that a bot accepts from the server's expire_time.
+# Values outside it come from clocks that disagree, and the bot keeps its earlier value.
+PLAUSIBLE_KEEPALIVE_SECONDS = (1.0, 86400.0)
 
 
 class SessionLoop:
     """Keeps one bot session alive and runs the leases that the server assigns to it.
 
-    ``execute(payload, lease_id, bot_id)`` is a coroutine function returning a
-    ``LeaseOutcome`` (see ``ActionExecutor.execute``); it is cancelled when the server
-    cancels the lease. ``worker`` is the ``Worker`` message reported at session creation.
-    Retry delays run on ``clock`` (an ``IReactorTime``). ``stop_report_timeout`` is the
-    deadline in seconds of the last call when the loop is cancelled.
+    ``execute(payload, lease_id, bot_id, result_retry_seconds=...)`` is a coroutine
+    function returning a ``LeaseOutcome`` (see ``ActionExecutor.execute``); it is cancelled
+    when the server cancels the lease. ``worker`` is the ``Worker`` message reported at
+    session creation. Retry delays run on ``clock`` (an ``IReactorTime``): ``backoff`` for
+    failed calls, ``not_found_backoff`` once the session was not found more than
+    NOT_FOUND_BEFORE_BACKOFF times in a row. ``stop_report_timeout`` is the deadline in
+    seconds of the last call when the loop is cancelled.
+
+    A result is kept while its lease can still be valid on the server: uploads of outputs
+    and reports of the completed lease are retried for the server's keepalive timeout plus
+    RESULT_RETRY_MARGIN_SECONDS after they start to fail, unless the server returns
+    NOT_FOUND for the session first. The keepalive is taken from the ``expire_time`` of the
+    server's responses, DEFAULT_SERVER_KEEPALIVE_SECONDS until one arrives.
     """
 
     log = Logger()
 
     def __init__(self, stub, bot_id, instance_name, worker, version, execute, clock,
                  backoff=None, poll_timeout=POLL_TIMEOUT_SECONDS,
-                 stop_report_timeout=STOP_REPORT_TIMEOUT_SECONDS):
+                 stop_report_timeout=STOP_REPORT_TIMEOUT_SECONDS, not_found_backoff=None):
         self.bot_id = bot_id
         self.session_name = None
         self._stub = stub
@@ -91,10 +90,17 @@ class SessionLoop:
         self._execute = execute
         self._clock = clock
         self._backoff = backoff or Backoff()
+        self._not_found_backoff = not_found_backoff or Backoff(initial=1.0, maximum=60.0)
         self._poll_timeout = poll_timeout
         self._stop_report_timeout = stop_report_timeout
         self._lease = None  # the bot's view of its lease: id, state, status, result
         self._task = None  # the asyncio task running the lease's action
+        self._server_keepalive = DEFAULT_SERVER_KEEPALIVE_SECONDS
+        # Seconds for which the current lease's result is retried, fixed when it is accepted.
+        self._result_retry_seconds = None
+        # Clock time of the first failed report of the completed lease, or None.
+        self._report_failing_since = None
+        self._not_found_in_row = 0
 
     @property
     def lease(self):
@@ -174,38 +180,124 @@ class SessionLoop:
         else:
             session = await call
 
+        self._not_found_in_row = 0
+        self._not_found_backoff.reset()
         if reported_state == bots_pb2.COMPLETED:
             self.log.info("bot {bot_id} reported lease {lease_id} as completed",
                           bot_id=self.bot_id, lease_id=self._lease.id)
-            self._lease = None
-            self._task = None
+            self._forget_lease()
         await self._apply(session)
 
     async def _handle_error(self, error):
         code = error.code()
         if code == grpc.StatusCode.NOT_FOUND and self.session_name is not None:
+            await self._replace_session(error)
+            return
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.session_name is not None:
+            # The server kept the long poll open past the bot's deadline, which is no failure,
+            # unless the call carried a result that the server did not confirm.
+            if self._reporting_result():
+                self._count_report_failure(error, delay=0.0)
+            return
+        delay = self._backoff.next_delay()
+        if self._reporting_result():
+            self._count_report_failure(error, delay)
+        else:
+            self.log.warn(
+                "bot {bot_id}: call to the server failed: {code}: {details}; retrying in "
+                "{delay:.1f} s",
+                bot_id=self.bot_id, code=code.name, details=error.details(), delay=delay,
+            )
+        await self._wait_before_retry(delay)
+
+    async def _wait_before_retry(self, delay):
+        """Wait ``delay`` seconds, or less if the running action ends first.
+
+        The action's result is then reported at once: its outputs were uploaded, so the
+        server is probably reachable again.
+        """
+        waiting = asyncio.ensure_future(sleep(self._clock, delay))
+        try:
+            if self._task is not None and not self._task.done():
+                await asyncio.wait({waiting, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await waiting
+        finally:
+            waiting.cancel()
+
+    async def _replace_session(self, error):
+        """Drop the session that the server did not find, with its lease; wait if need be.
+
+        From the (NOT_FOUND_BEFORE_BACKOFF + 1)-th NOT_FOUND in a row on, the bot waits
+        ``not_found_backoff`` before it creates the next session.
+        """
+        self._not_found_in_row += 1
+        session = self.session_name
+        self.session_name = None
+        await self._drop_lease("its session is gone")
+        if self._not_found_in_row <= NOT_FOUND_BEFORE_BACKOFF:
             self.log.warn(
                 "bot {bot_id}: session {session} was not found on the server ({details}); "
                 "creating a new session",
-                bot_id=self.bot_id, session=self.session_name, details=error.details(),
+                bot_id=self.bot_id, session=session, details=error.details(),
             )
-            self.session_name = None
-            await self._drop_lease("its session is gone")
             return
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.session_name is not None:
-            # The server kept the long poll open past the bot's deadline, which is no failure.
-            return
-        delay = self._backoff.next_delay()
+        delay = self._not_found_backoff.next_delay()
         self.log.warn(
-            "bot {bot_id}: call to the server failed: {code}: {details}; retrying in "
-            "{delay:.1f} s",
-            bot_id=self.bot_id, code=code.name, details=error.details(), delay=delay,
+            "bot {bot_id}: session {session} was not found on the server ({details}), "
+            "{count} times in a row. Another bot may be using the same bot id: give each "
+            "bot its own --name. Creating a new session in {delay:.1f} s",
+            bot_id=self.bot_id, session=session, details=error.details(),
+            count=self._not_found_in_row, delay=delay,
         )
-        await as_future(task.deferLater(self._clock, delay, lambda: None))
+        await sleep(self._clock, delay)
+
+    def _reporting_result(self):
+        return self._lease is not None and self._lease.state == bots_pb2.COMPLETED
+
+    def _count_report_failure(self, error, delay):
+        """Log a failed report of the completed lease; give the result up when its time is over.
+
+        The result is kept for ``_result_retry_seconds`` after the first failed report.
+        """
+        now = self._clock.seconds()
+        if self._report_failing_since is None:
+            self._report_failing_since = now
+        elapsed = now - self._report_failing_since
+        remaining = self._result_retry_seconds - elapsed
+        if remaining > 0:
+            self.log.warn(
+                "bot {bot_id}: reporting lease {lease_id} as completed failed: {code}: "
+                "{details}; retrying in {delay:.1f} s, for up to {remaining:.0f} s more",
+                bot_id=self.bot_id, lease_id=self._lease.id, code=error.code().name,
+                details=error.details(), delay=delay, remaining=remaining,
+            )
+            return
+        self.log.error(
+            "bot {bot_id}: gave up reporting lease {lease_id} as completed after {elapsed:.0f} "
+            "s of failures, the last {code}: {details}. Its result is lost, and the server "
+            "requeues the job if session {session} is still open",
+            bot_id=self.bot_id, lease_id=self._lease.id, elapsed=elapsed,
+            code=error.code().name, details=error.details(), session=self.session_name,
+        )
+        self._forget_lease()
+
+    def _learn_keepalive(self, session):
+        """Take the server's keepalive timeout from a response's ``expire_time``."""
+        if not session.HasField("expire_time"):
+            return
+        # NOTE: this subtracts the bot's clock from a time of the server's clock, so any
+        # difference between the two clocks adds to the result. Only results outside
+        # PLAUSIBLE_KEEPALIVE_SECONDS are recognized as wrong.
+        keepalive = session.expire_time.ToNanoseconds() / 1e9 - self._clock.seconds()
+        low, high = PLAUSIBLE_KEEPALIVE_SECONDS
+        if low <= keepalive <= high:
+            self._server_keepalive = keepalive
 
     # --- leases ----------------------------------------------------------------------------
 
     async def _apply(self, session):
+        self._learn_keepalive(session)
         for lease in session.leases:
             if self._lease is not None and lease.id == self._lease.id:
                 if lease.state == bots_pb2.CANCELLED:
@@ -229,7 +321,18 @@ class SessionLoop:
         self.log.info("bot {bot_id} accepted lease {lease_id}", bot_id=self.bot_id,
                       lease_id=lease.id)
         self._lease = bots_pb2.Lease(id=lease.id, state=bots_pb2.ACTIVE)
-        self._task = asyncio.ensure_future(self._execute(lease.payload, lease.id, self.bot_id))
+        self._result_retry_seconds = self._server_keepalive + RESULT_RETRY_MARGIN_SECONDS
+        self._report_failing_since = None
+        self._task = asyncio.ensure_future(
+            self._execute(lease.payload, lease.id, self.bot_id,
+                          result_retry_seconds=self._result_retry_seconds)
+        )
+
+    def _forget_lease(self):
+        """Forget the current lease and its task, without cancelling the task."""
+        self._lease = None
+        self._task = None
+        self._report_failing_since = None
 
     def _complete_lease(self):
         try:
@@ -294,8 +397,7 @@ class SessionLoop:
                 bot_id=self.bot_id, returned=returned, session=self.session_name,
             )
         self.session_name = None
-        self._lease = None
-        self._task = None
+        self._forget_lease()
 
     @staticmethod
     async def _cancel_action(running):
@@ -312,8 +414,7 @@ class SessionLoop:
         lease_id = self._lease.id
         completed = self._lease.state == bots_pb2.COMPLETED
         running = self._task
-        self._lease = None
-        self._task = None
+        self._forget_lease()
         await self._cancel_action(running)
         # A completed lease is usually dropped while its report waits as a long poll for the
         # server's response. The server has normally applied the report by then.

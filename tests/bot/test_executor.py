@@ -3,9 +3,10 @@
 import asyncio
 import os
 
+import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -16,6 +17,7 @@ from bgrid.client.cas import CasClient
 from bgrid.digest import Digest
 from tests.bot.test_runner import process_is_gone, read_text
 from tests.client.fakes import FakeCas, open_test_channel, start_server, wait_until
+from tests.scheduler.helpers import capture_logs
 from tests.util import async_test, make_temp_dir
 
 SHELL_ENVIRONMENT = [re_pb2.Command.EnvironmentVariable(name="PATH", value="/usr/bin:/bin")]
@@ -27,10 +29,25 @@ def pack(message):
     return packed
 
 
-class ExecutorTests(unittest.TestCase):
-    @async_test
-    async def setUp(self):
-        self.server = FakeCas()
+class FlakyCas(FakeCas):
+    """A CAS whose BatchUpdateBlobs fails with ``failure_code`` ``failures`` times first."""
+
+    def __init__(self, failures=0, failure_code=grpc.StatusCode.UNAVAILABLE):
+        super().__init__()
+        self.failures = failures
+        self.failure_code = failure_code
+
+    async def BatchUpdateBlobs(self, request, context):
+        if self.failures > 0:
+            self.failures -= 1
+            self.calls.append("BatchUpdateBlobs")
+            await context.abort(self.failure_code, "scripted failure")
+        return await super().BatchUpdateBlobs(request, context)
+
+
+class ExecutorTestCase(unittest.TestCase):
+    async def start_executor(self, server, clock):
+        self.server = server
         address = await start_server(self, cas=self.server)
         cas = CasClient(open_test_channel(self, address))
         self.outside = make_temp_dir(self)
@@ -39,7 +56,7 @@ class ExecutorTests(unittest.TestCase):
         os.makedirs(self.build_root)
         cache = BlobCache(os.path.join(work_dir, "cache"), 10 ** 9, cas)
         cache.load()
-        self.executor = ActionExecutor(cas, cache, self.build_root, "bot-a", reactor)
+        self.executor = ActionExecutor(cas, cache, self.build_root, "bot-a", clock)
 
     def put_input_tree(self, files):
         """Store a tree of ``{path: (bytes, executable)}`` in the CAS; return its root digest."""
@@ -76,6 +93,12 @@ class ExecutorTests(unittest.TestCase):
 
     def blob(self, proto_digest):
         return self.server.blobs[Digest.from_proto(proto_digest)]
+
+
+class ExecutorTests(ExecutorTestCase):
+    @async_test
+    async def setUp(self):
+        await self.start_executor(FakeCas(), reactor)
 
     @async_test
     async def test_runs_action_and_uploads_outputs(self):
@@ -239,3 +262,67 @@ class ExecutorTests(unittest.TestCase):
 
         await wait_until(lambda: process_is_gone(sleeper))
         await wait_until(lambda: os.listdir(self.build_root) == [])
+
+
+class UploadRetryTests(ExecutorTestCase):
+    async def run_with_failing_uploads(self, failures, failure_code=grpc.StatusCode.UNAVAILABLE,
+                                       result_retry_seconds=90.0):
+        """Run an action whose output uploads fail ``failures`` times; return its outcome.
+
+        Returns the outcome and the retry delays, in seconds on the test's clock.
+        """
+        clock = task.Clock()
+        await self.start_executor(FlakyCas(failures, failure_code), clock)
+        action = self.make_action("echo output > out", output_paths=["out"])
+        running = asyncio.ensure_future(self.executor.execute(
+            pack(action), "lease-1", "bot-a.0", result_retry_seconds=result_retry_seconds
+        ))
+        delays = []
+        while not running.done():
+            await wait_until(lambda: running.done() or clock.getDelayedCalls(), timeout=30)
+            for call in clock.getDelayedCalls():
+                delays.append(call.getTime() - clock.seconds())
+                clock.advance(delays[-1])
+        return await running, delays
+
+    @async_test
+    async def test_failed_uploads_retried(self):
+        events = capture_logs(self)
+
+        outcome, delays = await self.run_with_failing_uploads(3)
+
+        self.assertEqual(outcome.status.code, code_pb2.OK, outcome.status.message)
+        self.assertEqual(len(delays), 3)
+        self.assertEqual(self.server.calls.count("BatchUpdateBlobs"), 4)
+        (output,) = outcome.result.output_files
+        self.assertEqual(self.blob(output.digest), b"output\n")
+        retries = [
+            event for event in events if event.get("description") == "uploading the outputs"
+        ]
+        self.assertEqual(len(retries), 3)
+        self.assertEqual({event["lease_id"] for event in retries}, {"lease-1"})
+        self.assertEqual({event["bot_id"] for event in retries}, {"bot-a.0"})
+
+    @async_test
+    async def test_uploads_given_up_after_retry_time(self):
+        events = capture_logs(self)
+
+        outcome, delays = await self.run_with_failing_uploads(1000, result_retry_seconds=10.0)
+
+        self.assertEqual(outcome.status.code, code_pb2.UNAVAILABLE)
+        self.assertIsNone(outcome.result)
+        # The delays stop at the retry time, and the last one ends exactly there.
+        self.assertAlmostEqual(sum(delays), 10.0)
+        given_up = [event for event in events if "gave up" in event.get("log_format", "")]
+        self.assertEqual(len(given_up), 1)
+        self.assertEqual(given_up[0]["lease_id"], "lease-1")
+        self.assertEqual(os.listdir(self.build_root), [])
+
+    @async_test
+    async def test_permanent_upload_error_not_retried(self):
+        outcome, delays = await self.run_with_failing_uploads(
+            1, failure_code=grpc.StatusCode.INVALID_ARGUMENT
+        )
+
+        self.assertEqual(outcome.status.code, code_pb2.INVALID_ARGUMENT)
+        self.assertEqual(delays, [])

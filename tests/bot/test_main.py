@@ -3,9 +3,11 @@
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import signal
+import socket
 import sys
 
 from twisted.trial import unittest
@@ -45,21 +47,30 @@ class OptionTests(unittest.TestCase):
         self.assertEqual(args.properties, [])
         self.assertEqual(args.concurrency, os.cpu_count())
         self.assertEqual(args.cache_size, 10 * 1024 ** 3)
-        self.assertTrue(args.name)
+        self.assertIsNone(args.name)
 
     def test_all_options(self):
         args = parse(
             "--server", "unix:/run/bgrid.sock", "--instance", "main", "--property", "OSFamily=linux",
             "--property", "pool=", "--work-dir", "/w", "--concurrency", "3", "--name", "b1",
-            "--cache-size", "512M",
+            "--cache-size", "512MiB",
         )
         self.assertEqual(args.properties, [("OSFamily", "linux"), ("pool", "")])
         self.assertEqual(args.concurrency, 3)
         self.assertEqual(args.cache_size, 512 * 1024 ** 2)
         self.assertEqual((args.work_dir, args.name, args.instance), ("/w", "b1", "main"))
 
-    def test_size_suffixes(self):
-        for text, expected in [("1024", 1024), ("2k", 2048), ("3G", 3 * 1024 ** 3), ("1T", 1024 ** 4)]:
+    def test_size_units_as_daemon(self):
+        cases = [
+            ("1024", 1024),
+            ("2KiB", 2048),
+            ("3GiB", 3 * 1024 ** 3),
+            ("1TiB", 1024 ** 4),
+            ("10GB", 10 * 1000 ** 3),
+            ("5MB", 5 * 1000 ** 2),
+            ("1.5GiB", 3 * 1024 ** 3 // 2),
+        ]
+        for text, expected in cases:
             self.assertEqual(parse("--server", "h:1", "--cache-size", text).cache_size, expected)
 
     def test_invalid_options_exit_2_with_one_message(self):
@@ -71,6 +82,8 @@ class OptionTests(unittest.TestCase):
             (("--server", "h:1", "--concurrency", "0"), "invalid count '0'"),
             (("--server", "h:1", "--concurrency", "many"), "invalid count 'many'"),
             (("--server", "h:1", "--cache-size", "10X"), "invalid size '10X'"),
+            # The daemon's units: a bare G is not one of them.
+            (("--server", "h:1", "--cache-size", "10G"), "invalid size '10G'"),
             (("--server", "h:1", "--name", "two words"), "invalid bot name 'two words'"),
         ]
         for argv, expected in cases:
@@ -78,6 +91,39 @@ class OptionTests(unittest.TestCase):
             self.assertEqual(code, 2, argv)
             self.assertIn(expected, stderr)
             self.assertNotIn("Traceback", stderr)
+
+
+class DefaultNameTests(unittest.TestCase):
+    def test_host_name_and_work_directory_hash(self):
+        work_dir = os.path.join(make_temp_dir(self), "work")
+        expected_digits = hashlib.sha256(os.fsencode(work_dir)).hexdigest()[:8]
+
+        self.assertEqual(
+            main.default_bot_name(work_dir), f"{socket.gethostname()}-{expected_digits}"
+        )
+
+    def test_same_for_relative_and_absolute_path(self):
+        directory = make_temp_dir(self)
+        previous = os.getcwd()
+        os.chdir(directory)
+        self.addCleanup(os.chdir, previous)
+
+        self.assertEqual(
+            main.default_bot_name("work"), main.default_bot_name(os.path.join(directory, "work"))
+        )
+
+    def test_differs_between_work_directories(self):
+        directory = make_temp_dir(self)
+
+        first = main.default_bot_name(os.path.join(directory, "first"))
+        second = main.default_bot_name(os.path.join(directory, "second"))
+
+        self.assertNotEqual(first, second)
+
+    def test_name_is_valid_bot_name(self):
+        name = main.default_bot_name(make_temp_dir(self))
+
+        self.assertEqual(parse("--server", "h:1", "--name", name).name, name)
 
 
 class RunCheckTests(unittest.TestCase):
@@ -117,17 +163,13 @@ class RunCheckTests(unittest.TestCase):
 
 
 class BotProcessTests(unittest.TestCase):
-    @async_test
-    async def test_sessions_per_slot_and_clean_stop(self):
-        bots = ScriptedBots()
-        address = await start_server(self, bots=bots)
-        work_dir = os.path.join(make_temp_dir(self), "work")
+    async def start_bot(self, address, work_dir, *options):
+        """Start ``python -m bgrid.bot.main``; return the process, killed at cleanup."""
         stderr_path = os.path.join(make_temp_dir(self), "bot.log")
         with open(stderr_path, "wb") as stderr:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bgrid.bot.main", "--server", address,
-                "--work-dir", work_dir, "--concurrency", "2", "--name", "proc",
-                "--property", "OSFamily=linux", "--instance", "",
+                "--work-dir", work_dir, *options,
                 stdin=asyncio.subprocess.DEVNULL, stderr=stderr,
                 env=dict(os.environ, PYTHONPATH=REPOSITORY_ROOT),
             )
@@ -138,6 +180,29 @@ class BotProcessTests(unittest.TestCase):
                 await process.wait()
 
         self.addCleanup(lambda: as_deferred(kill_if_running()))
+        return process, stderr_path
+
+    @async_test
+    async def test_default_name_from_work_directory(self):
+        bots = ScriptedBots()
+        address = await start_server(self, bots=bots)
+        work_dir = os.path.join(make_temp_dir(self), "work")
+
+        await self.start_bot(address, work_dir, "--concurrency", "1")
+
+        method, request, _ = await bots.next_call(timeout=30)
+        self.assertEqual(method, "CreateBotSession")
+        self.assertEqual(request.bot_session.bot_id, f"{main.default_bot_name(work_dir)}.0")
+
+    @async_test
+    async def test_sessions_per_slot_and_clean_stop(self):
+        bots = ScriptedBots()
+        address = await start_server(self, bots=bots)
+        work_dir = os.path.join(make_temp_dir(self), "work")
+        process, stderr_path = await self.start_bot(
+            address, work_dir, "--concurrency", "2", "--name", "proc",
+            "--property", "OSFamily=linux", "--instance", "",
+        )
 
         bot_ids = set()
         for _ in range(2):

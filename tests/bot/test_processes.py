@@ -19,7 +19,7 @@ from tests.util import async_test, make_temp_dir
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if not sys.platform.startswith("linux"):
-    skip = "process group records and the parent death signal exist only on Linux"
+    skip = "process group records exist only on Linux"
 
 
 class ProcessGroupTestCase(unittest.TestCase):
@@ -102,7 +102,7 @@ class KillLeftoversTests(ProcessGroupTestCase):
         process = self.start_group()
         self.records.add(process.pid)
         members = await self.wait_for_members(process.pid, 3)
-        # As the parent death signal does when the bot dies: the shell goes, its children stay.
+        # The leader dies, as a supervisor killed alone would: its shell's children stay.
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         orphans = [pid for pid in members if pid != process.pid]
@@ -140,6 +140,20 @@ class KillLeftoversTests(ProcessGroupTestCase):
         self.assertEqual(killed, [])
         orphans = [pid for pid in members if pid != process.pid]
         self.assertFalse(any(process_is_gone(pid) for pid in orphans))
+
+    @async_test
+    async def test_group_of_zombies_spared(self):
+        # The test process does not reap the exited leader, which stays a zombie.
+        process = self.start_group("exit 0")
+        self.records.add(process.pid)
+        await wait_until(lambda: process_is_gone(process.pid))
+        events = capture_logs(self)
+
+        killed = self.records.kill_leftovers()
+
+        self.assertEqual(killed, [])
+        self.assertEqual([event for event in events if "Killed" in event.get("log_format", "")], [])
+        self.assertEqual(os.listdir(self.records.directory), [])
 
     def test_record_of_other_boot_ignored(self):
         process = self.start_group("sleep 300")
@@ -187,7 +201,8 @@ class RunProcessRecordTests(ProcessGroupTestCase):
     async def test_group_recorded_while_running(self):
         stdout = os.path.join(self.directory, "stdout")
         stderr = os.path.join(self.directory, "stderr")
-        # The record is written just after the command starts, so the command waits for it.
+        # The record is written when the supervisor starts, before the command runs. The
+        # command waits up to 10 s for it all the same.
         records = self.records.directory
         script = (
             f'i=0; while [ -z "$(ls {records})" ] && [ $i -lt 1000 ]; do sleep 0.01; '
@@ -205,44 +220,49 @@ class RunProcessRecordTests(ProcessGroupTestCase):
         self.assertEqual(os.listdir(self.records.directory), [])
 
 
-# Runs run_process for a command that writes its own pid and then sleeps, as a bot would.
-# It imports no gRPC, so it may fork with a preexec_fn.
+# Runs run_process as a bot would, for a shell that starts two sleeps in the background,
+# writes their pids and waits.
 PARENT_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from bgrid.bot.runner import run_process
 
     async def main(directory):
+        script = (
+            f"sleep 300 & echo $! > {directory}/sleeps.new; sleep 300 & echo $! >> "
+            f"{directory}/sleeps.new; mv {directory}/sleeps.new {directory}/sleeps; wait"
+        )
         await run_process(
-            ["/bin/sh", "-c", f"echo $$ > {directory}/child.pid; exec sleep 300"],
-            {"PATH": "/usr/bin:/bin"}, directory, f"{directory}/stdout", f"{directory}/stderr",
-            parent_death_signal=True,
+            ["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, directory,
+            f"{directory}/stdout", f"{directory}/stderr",
         )
 
     asyncio.run(main(sys.argv[1]))
 """)
 
 
-class ParentDeathSignalTests(ProcessGroupTestCase):
+class BotDeathTests(ProcessGroupTestCase):
     @async_test
-    async def test_command_killed_with_its_parent(self):
+    async def test_sigkilled_parent_leaves_no_processes(self):
         parent = subprocess.Popen(
             [sys.executable, "-c", PARENT_SCRIPT, self.directory],
             env=dict(os.environ, PYTHONPATH=REPOSITORY_ROOT), stdin=subprocess.DEVNULL,
         )
         self.addCleanup(parent.wait)
         self.addCleanup(parent.kill)
-        pid_file = os.path.join(self.directory, "child.pid")
-        await wait_until(
-            lambda: os.path.exists(pid_file) and read_text(pid_file).endswith("\n"), timeout=30
-        )
-        child = int(read_text(pid_file))
-        self.addCleanup(self.kill_if_running, child)
-        self.assertFalse(process_is_gone(child))
+        pid_file = os.path.join(self.directory, "sleeps")
+        await wait_until(lambda: os.path.exists(pid_file), timeout=30)
+        sleeps = [int(line) for line in read_text(pid_file).split()]
+        for pid in sleeps:
+            self.addCleanup(self.kill_if_running, pid)
+        self.assertEqual(len(sleeps), 2)
+        self.assertFalse(any(process_is_gone(pid) for pid in sleeps))
 
         parent.kill()
         parent.wait()
 
-        await wait_until(lambda: process_is_gone(child), timeout=10)
+        # Both sleeps run in the background of the shell, so only a kill of the whole
+        # group ends them.
+        await wait_until(lambda: all(process_is_gone(pid) for pid in sleeps), timeout=10)
 
     @staticmethod
     def kill_if_running(pid):

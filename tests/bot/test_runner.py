@@ -7,12 +7,20 @@ import os
 from twisted.internet import task
 from twisted.trial import unittest
 
+from bgrid._protos.build.bazel.remote.execution.v2 import (
+    remote_execution_pb2 as re_pb2,
+    remote_execution_pb2_grpc,
+)
 from bgrid.bot.runner import run_process
 from bgrid.errors import InvalidArgumentError
-from tests.client.fakes import wait_until
+from tests.client.fakes import FakeCas, open_test_channel, start_server, wait_until
 from tests.util import async_test, make_temp_dir
 
 SHELL_PATH = {"PATH": "/usr/bin:/bin"}
+
+# Commands started at once beside gRPC calls. With the parent death signal set between
+# fork and exec, several of 40 crashed (grpcio 1.85.3).
+COMMANDS_BESIDE_GRPC = 40
 
 
 def read_text(path):
@@ -98,6 +106,48 @@ class RunProcessTests(RunProcessTestCase):
         self.assertIn("failed to start './no-such-program'", caught.exception.message)
 
     @async_test
+    async def test_program_without_execute_permission_rejected(self):
+        script = os.path.join(self.directory, "not-executable")
+        with open(script, "w") as target:
+            target.write("#!/bin/sh\n")
+
+        with self.assertRaises(InvalidArgumentError) as caught:
+            await run_process(["./not-executable"], {}, self.directory, self.stdout, self.stderr)
+
+        self.assertIn("Permission denied", caught.exception.message)
+
+    @async_test
+    async def test_nul_character_rejected(self):
+        for arguments, environment in [
+            (["/bin/echo", "a\0b"], {}),
+            (["/bin/echo"], {"NAME": "a\0b"}),
+            (["/bin/echo"], {"A=B": "c"}),
+            (["/bin/echo"], {"": "c"}),
+        ]:
+            with self.assertRaises(InvalidArgumentError, msg=(arguments, environment)):
+                await run_process(arguments, environment, self.directory, self.stdout, self.stderr)
+
+    @async_test
+    async def test_only_standard_descriptors_inherited(self):
+        # The supervisor's lifeline and its own pipes must not reach the command.
+        result = await self.run_shell("ls /proc/$$/fd; readlink /proc/$$/fd/0")
+
+        self.assertEqual(result.exit_code, 0)
+        self.assertEqual(read_text(self.stdout).split(), ["0", "1", "2", "/dev/null"])
+
+    @async_test
+    async def test_command_leads_no_group(self):
+        # The supervisor leads the group, and the command is its child in that group.
+        await self.run_shell("echo $$; cat /proc/$$/stat")
+
+        pid, stat = read_text(self.stdout).split("\n", 1)
+        # Fields after the command name: state, parent pid, process group, session.
+        _, parent, group, session = stat.rpartition(")")[2].split()[:4]
+        self.assertNotEqual(int(pid), int(group))
+        self.assertEqual(int(parent), int(group))
+        self.assertEqual(int(group), int(session))
+
+    @async_test
     async def test_empty_arguments_rejected(self):
         with self.assertRaises(InvalidArgumentError):
             await run_process([], {}, self.directory, self.stdout, self.stderr)
@@ -115,6 +165,37 @@ class RunProcessTests(RunProcessTestCase):
         self.assertEqual(os.path.getsize(self.stdout), 8 * 1024 * 1024)
 
 
+class GrpcNeighbourTests(RunProcessTestCase):
+    @async_test
+    async def test_many_commands_beside_grpc_calls(self):
+        """Commands start while gRPC's threads serve calls in the same process.
+
+        A child forked with Python code to run before exec could crash in gRPC's fork
+        handlers (exit code 139, SIGSEGV). The runner starts its supervisors without any.
+        """
+        address = await start_server(self, cas=FakeCas())
+        stub = remote_execution_pb2_grpc.CapabilitiesStub(open_test_channel(self, address))
+        stop = asyncio.Event()
+
+        async def call_repeatedly():
+            while not stop.is_set():
+                await stub.GetCapabilities(re_pb2.GetCapabilitiesRequest())
+
+        callers = [asyncio.ensure_future(call_repeatedly()) for _ in range(4)]
+        try:
+            results = await asyncio.gather(*[
+                run_process(["/bin/sh", "-c", "exit 0"], SHELL_PATH, self.directory,
+                            os.path.join(self.directory, f"stdout-{index}"),
+                            os.path.join(self.directory, f"stderr-{index}"))
+                for index in range(COMMANDS_BESIDE_GRPC)
+            ])
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+
+        self.assertEqual([result.exit_code for result in results], [0] * COMMANDS_BESIDE_GRPC)
+
+
 class TimeoutTests(RunProcessTestCase):
     @async_test
     async def test_timeout_kills_process_group(self):
@@ -126,6 +207,9 @@ class TimeoutTests(RunProcessTestCase):
         await wait_until(lambda: os.path.exists(pid_file) and read_text(pid_file).endswith("\n"))
         grandchild = int(read_text(pid_file))
         self.assertFalse(process_is_gone(grandchild))
+        # The timeout starts once the supervisor reports that the command runs, which may
+        # come after the command's first output.
+        await wait_until(lambda: clock.getDelayedCalls())
 
         clock.advance(4.9)
         self.assertFalse(running.done())

@@ -3,7 +3,7 @@
 import asyncio
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2
 from twisted.internet import task
 from twisted.logger import globalLogPublisher
@@ -12,10 +12,12 @@ from twisted.trial import unittest
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc, worker_pb2
 from bgrid.bot.executor import LeaseOutcome
-from bgrid.bot.session import Backoff, SessionLoop
+from bgrid.bot.retry import DEFAULT_SERVER_KEEPALIVE_SECONDS, RESULT_RETRY_MARGIN_SECONDS
+from bgrid.bot.session import NOT_FOUND_BEFORE_BACKOFF, Backoff, SessionLoop
 from bgrid.bridge import as_deferred
 from bgrid.errors import make_status
 from tests.client.fakes import ScriptedBots, open_test_channel, start_server, wait_until
+from tests.scheduler.helpers import capture_logs
 from tests.util import async_test
 
 WORKER = worker_pb2.Worker(properties=[worker_pb2.Worker.Property(key="OSFamily", value="linux")])
@@ -34,10 +36,12 @@ class FakeExecutor:
         self.started = asyncio.Queue()
         self.outcomes = {}
         self.cancelled = []
+        self.result_retry_seconds = {}
 
-    async def execute(self, payload, lease_id, bot_id):
+    async def execute(self, payload, lease_id, bot_id, result_retry_seconds):
         outcome = asyncio.get_running_loop().create_future()
         self.outcomes[lease_id] = outcome
+        self.result_retry_seconds[lease_id] = result_retry_seconds
         await self.started.put((payload, lease_id, bot_id))
         try:
             return await outcome
@@ -50,17 +54,20 @@ class FakeExecutor:
 
 
 class SessionLoopTestCase(unittest.TestCase):
-    async def start_loop(self, address=None, poll_timeout=30.0, stop_report_timeout=5.0):
+    async def start_loop(self, address=None, poll_timeout=30.0, stop_report_timeout=5.0,
+                         clock_start=0.0):
         self.bots = ScriptedBots()
         if address is None:
             address = await start_server(self, bots=self.bots)
         stub = bots_pb2_grpc.BotsStub(open_test_channel(self, address))
         self.clock = task.Clock()
+        self.clock.advance(clock_start)
         self.executor = FakeExecutor()
         self.loop = SessionLoop(
             stub, "bot.0", "main", WORKER, "bgrid-bot/test", self.executor.execute, self.clock,
             backoff=Backoff(initial=1.0, maximum=4.0, random_fraction=lambda: 1.0),
             poll_timeout=poll_timeout, stop_report_timeout=stop_report_timeout,
+            not_found_backoff=Backoff(initial=1.0, maximum=8.0, random_fraction=lambda: 1.0),
         )
         self.running = asyncio.ensure_future(self.loop.run())
         self.addCleanup(lambda: as_deferred(self.stop_loop()))
@@ -99,13 +106,22 @@ class SessionLoopTestCase(unittest.TestCase):
         reply.set_result(bots_pb2.BotSession(name=name, bot_id="bot.0"))
         return await self.expect("UpdateBotSession")
 
-    def assign(self, reply, lease_id, payload, state=bots_pb2.PENDING):
-        reply.set_result(
-            bots_pb2.BotSession(
-                name="sessions/1",
-                leases=[bots_pb2.Lease(id=lease_id, state=state, payload=payload)],
-            )
+    def assign(self, reply, lease_id, payload, state=bots_pb2.PENDING, expire_time=None):
+        session = bots_pb2.BotSession(
+            name="sessions/1",
+            leases=[bots_pb2.Lease(id=lease_id, state=state, payload=payload)],
         )
+        if expire_time is not None:
+            session.expire_time.CopyFrom(timestamp_pb2.Timestamp(seconds=expire_time))
+        reply.set_result(session)
+
+    async def advance_to_next_call(self):
+        """Wait for the loop's retry delay, return its length and move the clock past it."""
+        await wait_until(lambda: self.clock.getDelayedCalls())
+        (call,) = self.clock.getDelayedCalls()
+        delay = call.getTime() - self.clock.seconds()
+        self.clock.advance(delay)
+        return delay
 
 
 class SessionCreationTests(SessionLoopTestCase):
@@ -237,14 +253,120 @@ class LeaseTests(SessionLoopTestCase):
             LeaseOutcome(make_status(code_pb2.OK, ""), re_pb2.ActionResult())
         )
 
+        events = capture_logs(self)
+
         _, reply = await self.expect("UpdateBotSession")
         reply.set_result(grpc.StatusCode.UNAVAILABLE)
         await wait_until(lambda: self.clock.getDelayedCalls())
         self.clock.advance(1.0)
 
+        request, reply = await self.expect("UpdateBotSession")
+        (lease,) = request.bot_session.leases
+        self.assertEqual(lease.state, bots_pb2.COMPLETED)
+        retries = [event for event in events
+                   if event.get("log_format", "").startswith("bot {bot_id}: reporting lease")]
+        self.assertEqual(len(retries), 1)
+        self.assertEqual(retries[0]["lease_id"], "lease-1")
+        self.assertEqual(retries[0]["code"], "UNAVAILABLE")
+
+        # Once a report goes through, the lease is gone from the bot's view.
+        reply.set_result(bots_pb2.BotSession(name="sessions/1"))
+        request, _ = await self.expect("UpdateBotSession")
+        self.assertEqual(len(request.bot_session.leases), 0)
+
+
+class ResultRetryTests(SessionLoopTestCase):
+    @async_test
+    async def test_finished_action_ends_retry_delay(self):
+        await self.start_loop()
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()))
+        await self.executor.next_start()
+        _, poll = await self.expect("UpdateBotSession")
+        poll.set_result(grpc.StatusCode.UNAVAILABLE)
+        await wait_until(lambda: self.clock.getDelayedCalls())
+
+        # The action ends during the delay, and its result goes out without waiting longer.
+        self.executor.outcomes["lease-1"].set_result(
+            LeaseOutcome(make_status(code_pb2.OK, ""), re_pb2.ActionResult())
+        )
+
         request, _ = await self.expect("UpdateBotSession")
         (lease,) = request.bot_session.leases
         self.assertEqual(lease.state, bots_pb2.COMPLETED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def finish_lease(self, expire_time=None, clock_start=0.0):
+        """Run lease-1 to completion; return the first report of its result, unanswered."""
+        await self.start_loop(clock_start=clock_start)
+        _, reply = await self.open_session()
+        self.assign(reply, "lease-1", payload_of(re_pb2.Action()), expire_time=expire_time)
+        await self.executor.next_start()
+        await self.expect("UpdateBotSession")
+        self.executor.outcomes["lease-1"].set_result(
+            LeaseOutcome(make_status(code_pb2.OK, ""), re_pb2.ActionResult())
+        )
+        return await self.expect("UpdateBotSession")
+
+    @async_test
+    async def test_keepalive_taken_from_expire_time(self):
+        # The scripted server's clock and the test clock agree: both start at 0.
+        await self.finish_lease(expire_time=10)
+
+        self.assertEqual(
+            self.executor.result_retry_seconds["lease-1"], 10 + RESULT_RETRY_MARGIN_SECONDS
+        )
+
+    @async_test
+    async def test_implausible_expire_time_ignored(self):
+        # An expire_time in the past of the bot's clock is no keepalive timeout.
+        await self.finish_lease(expire_time=0, clock_start=1000.0)
+
+        self.assertEqual(
+            self.executor.result_retry_seconds["lease-1"],
+            DEFAULT_SERVER_KEEPALIVE_SECONDS + RESULT_RETRY_MARGIN_SECONDS,
+        )
+
+    @async_test
+    async def test_report_given_up_after_keepalive_and_margin(self):
+        events = capture_logs(self)
+        request, reply = await self.finish_lease(expire_time=10)
+        limit = 10 + RESULT_RETRY_MARGIN_SECONDS
+        first_failure = self.clock.seconds()
+
+        # Every report of the result fails until the bot gives the result up.
+        reports = 0
+        while request.bot_session.leases:
+            (lease,) = request.bot_session.leases
+            self.assertEqual((lease.id, lease.state), ("lease-1", bots_pb2.COMPLETED))
+            reports += 1
+            reply.set_result(grpc.StatusCode.UNAVAILABLE)
+            await self.advance_to_next_call()
+            request, reply = await self.expect("UpdateBotSession")
+
+        # Delays of 1, 2 and 4 s, then 4 s each: the last failure is the first at or past
+        # the limit.
+        self.assertGreaterEqual(self.clock.seconds() - first_failure, limit)
+        self.assertLess(self.clock.seconds() - first_failure, limit + 2 * 4)
+        self.assertIsNone(self.loop.lease)
+        retried = [event for event in events
+                   if event.get("log_format", "").startswith("bot {bot_id}: reporting lease")]
+        self.assertEqual(len(retried), reports - 1)
+        self.assertTrue(all(event["lease_id"] == "lease-1" for event in retried))
+        given_up = [event for event in events if "gave up" in event.get("log_format", "")]
+        self.assertEqual(len(given_up), 1)
+        self.assertEqual(given_up[0]["lease_id"], "lease-1")
+        self.assertEqual(given_up[0]["log_level"].name, "error")
+
+    @async_test
+    async def test_not_found_drops_result_at_once(self):
+        request, reply = await self.finish_lease()
+
+        reply.set_result(grpc.StatusCode.NOT_FOUND)
+
+        request, _ = await self.expect("CreateBotSession")
+        self.assertIsNone(self.loop.lease)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class StopTests(SessionLoopTestCase):
@@ -347,6 +469,41 @@ class RecoveryTests(SessionLoopTestCase):
         request, _ = await self.expect("UpdateBotSession")
         self.assertEqual(request.name, "sessions/2")
         self.assertEqual(len(request.bot_session.leases), 0)
+
+    @async_test
+    async def test_repeated_not_found_backs_off(self):
+        events = capture_logs(self)
+        await self.start_loop()
+        _, reply = await self.expect("CreateBotSession")
+
+        # Another bot with the same id replaces each session at once.
+        delays = []
+        for _ in range(NOT_FOUND_BEFORE_BACKOFF + 3):
+            reply.set_result(bots_pb2.BotSession(name="sessions/1"))
+            _, reply = await self.expect("UpdateBotSession")
+            reply.set_result(grpc.StatusCode.NOT_FOUND)
+            next_call = asyncio.ensure_future(self.bots.next_call())
+            await wait_until(lambda: next_call.done() or self.clock.getDelayedCalls())
+            if not next_call.done():
+                delays.append(await self.advance_to_next_call())
+            method, _, reply = await next_call
+            self.assertEqual(method, "CreateBotSession")
+
+        self.assertEqual(delays, [1.0, 2.0, 4.0])
+        hints = [event for event in events if "same bot id" in event.get("log_format", "")]
+        self.assertEqual(len(hints), 3)
+        self.assertEqual(hints[0]["bot_id"], "bot.0")
+        self.assertEqual(hints[0]["count"], NOT_FOUND_BEFORE_BACKOFF + 1)
+
+        # A successful UpdateBotSession ends the series: the next NOT_FOUND is
+        # followed by a new session at once.
+        reply.set_result(bots_pb2.BotSession(name="sessions/2"))
+        _, reply = await self.expect("UpdateBotSession")
+        reply.set_result(bots_pb2.BotSession(name="sessions/2"))
+        _, reply = await self.expect("UpdateBotSession")
+        reply.set_result(grpc.StatusCode.NOT_FOUND)
+        await self.expect("CreateBotSession")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @async_test
     async def test_backoff_doubles_up_to_cap(self):
