@@ -112,17 +112,35 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
                 f"{digest}, which has {digest.size_bytes} bytes"
             )
 
+        if (
+            request.read_offset == 0
+            and request.read_limit in (0, digest.size_bytes)
+            and digest.size_bytes <= self._read_chunk_size_bytes
+        ):
+            # A blob that fits in one response is read and checked in one transaction,
+            # without a reader.
+            data = await as_future(self._store.get(digest))
+            if data:
+                yield bytestream_pb2.ReadResponse(data=data)
+            return
+
         reader = await as_future(
             self._store.open_reader(digest, request.read_offset, request.read_limit)
         )
+        reading = reader.read(self._read_chunk_size_bytes)
         try:
             while True:
-                data = await as_future(reader.read(self._read_chunk_size_bytes))
+                data = await as_future(reading)
                 if not data:
                     break
+                # The next piece is read while this one is sent.
+                reading = reader.read(self._read_chunk_size_bytes)
                 yield bytestream_pb2.ReadResponse(data=data)
         finally:
             reader.close()
+            # A read still in flight when the client cancels has no caller left, so its
+            # failure is consumed here rather than logged as an unhandled error.
+            reading.addErrback(lambda _: None)
 
     @unary_handler
     async def Write(self, request_iterator, context):
@@ -139,13 +157,27 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             )
         digest = parse_write_resource_name(self._instance_names, first.resource_name).digest
 
+        # Each read of a bytes field copies it out of the message, so data is read once.
+        first_data = first.data
+        if (
+            first.finish_write
+            and first.write_offset == 0
+            and len(first_data) == digest.size_bytes
+            and first.resource_name not in self._uploads
+        ):
+            # The whole blob came in one request: store it as BatchUpdateBlobs does,
+            # which hashes and writes it in one hop and succeeds when it is stored
+            # already.
+            await as_future(self._store.put(digest, first_data))
+            return bytestream_pb2.WriteResponse(committed_size=digest.size_bytes)
+
         if await self._is_stored(digest):
             self._discard_kept_upload(first.resource_name)
             return bytestream_pb2.WriteResponse(committed_size=digest.size_bytes)
 
         upload = self._start_streaming(first.resource_name, digest, first.write_offset)
         try:
-            finished = await self._receive(upload, first, requests)
+            finished = await self._receive(upload, first, first_data, requests)
         except BaseException as error:
             if upload.writer_failed or isinstance(error, DigestMismatchError):
                 self._discard(upload)
@@ -213,8 +245,9 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
         upload.streaming = True
         return upload
 
-    async def _receive(self, upload, request, requests):
-        """Feed the stream's requests to the upload's writer.
+    async def _receive(self, upload, request, data, requests):
+        """Feed the stream's requests to the upload's writer, starting with ``request``,
+        whose ``data`` the caller has read already.
 
         Returns True once ``finish_write`` committed the blob, and False when the client
         half-closed the stream before that.
@@ -233,14 +266,14 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
                     f"call QueryWriteStatus and continue from its committed_size"
                 )
 
-            end = request.write_offset + len(request.data)
+            end = request.write_offset + len(data)
             if end > digest.size_bytes:
                 raise DigestMismatchError(
                     f"data: the upload of {upload.resource_name!r} reaches byte {end}, "
                     f"past the blob size of {digest.size_bytes} bytes"
                 )
-            if request.data:
-                await self._call_writer(upload, upload.writer.write, request.data)
+            if data:
+                await self._call_writer(upload, upload.writer.write, data)
 
             if request.finish_write:
                 if end != digest.size_bytes:
@@ -252,6 +285,8 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
                 return True
 
             request = await anext(requests, None)
+            if request is not None:
+                data = request.data
         return False
 
     async def _call_writer(self, upload, method, *args):

@@ -3,15 +3,16 @@ downloads of small blobs, and paged listings of Directory trees."""
 
 import base64
 import binascii
+import itertools
+import operator
 import struct
 
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, status_pb2
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc
 from bgrid.bridge import as_future
-from bgrid.digest import Digest
+from bgrid.digest import Digest, digests_from_protos
 from bgrid.errors import (
     BgridError,
     BlobNotFoundError,
@@ -31,7 +32,9 @@ DEFAULT_MAX_TREE_PAGE_SIZE = 1000
 # Directories fetched in one storage transaction while GetTree walks a tree.
 _TREE_READ_BATCH = 256
 
-_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+_get_digest = operator.attrgetter("digest")
+_get_data = operator.attrgetter("data")
+_get_compressor = operator.attrgetter("compressor")
 
 
 class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddressableStorageServicer):
@@ -65,45 +68,45 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
     async def FindMissingBlobs(self, request, context):
         self._instance_names.check(request.instance_name)
         check_digest_function(request.digest_function)
-        digests = [
-            Digest.from_proto(proto, field=f"blob_digests[{index}]")
-            for index, proto in enumerate(request.blob_digests)
-        ]
+        protos = list(request.blob_digests)
+        digests = digests_from_protos(protos, field="blob_digests")
 
         missing = await as_future(self._store.find_missing(digests))
-        return re_pb2.FindMissingBlobsResponse(
-            missing_blob_digests=[digest.to_proto(re_pb2.Digest) for digest in missing]
-        )
+        response = re_pb2.FindMissingBlobsResponse()
+        if missing:
+            # The request's own Digest messages are copied into the response, which is
+            # cheaper than building new ones.
+            response.missing_blob_digests.extend(_first_occurrences(protos, digests, missing))
+        return response
 
     @unary_handler
     async def BatchUpdateBlobs(self, request, context):
         self._instance_names.check(request.instance_name)
         check_digest_function(request.digest_function)
-        total_size = sum(len(blob.data) for blob in request.requests)
+        entries = list(request.requests)
+        datas = list(map(_get_data, entries))
+        total_size = sum(map(len, datas))
         self._check_batch_size("BatchUpdateBlobs", "upload", total_size)
 
         # Blobs that fail validation get their error status here; the others are stored
         # together and get the status that storing them returned.
-        statuses = [None] * len(request.requests)
-        blobs = []
-        positions = []
-        for index, blob in enumerate(request.requests):
-            try:
-                digest = _validate_upload(index, blob)
-            except BgridError as error:
-                statuses[index] = to_status(error)
-                continue
-            blobs.append((digest, blob.data))
-            positions.append(index)
-
+        statuses = [None] * len(entries)
+        blobs, positions = _validate_uploads(entries, datas, statuses)
         if blobs:
             outcomes = await as_future(self._store.put_many(blobs))
             for index, outcome in zip(positions, outcomes):
-                statuses[index] = _OK_STATUS if outcome is None else to_status(outcome)
+                if outcome is not None:
+                    statuses[index] = to_status(outcome)
 
         response = re_pb2.BatchUpdateBlobsResponse()
-        for blob, status in zip(request.requests, statuses):
-            response.responses.add(digest=blob.digest, status=status)
+        add_response = response.responses.add
+        for entry, status in zip(entries, statuses):
+            added = add_response()
+            added.digest.CopyFrom(entry.digest)
+            if status is None:
+                added.status.SetInParent()
+            else:
+                added.status.CopyFrom(status)
         return response
 
     @unary_handler
@@ -112,34 +115,36 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
         check_digest_function(request.digest_function)
 
         # Any compressor the client accepts is ignored: IDENTITY is always acceptable.
-        statuses = [None] * len(request.digests)
-        digests = []
-        positions = []
-        for index, proto in enumerate(request.digests):
-            try:
-                digests.append(Digest.from_proto(proto, field=f"digests[{index}]"))
-            except InvalidArgumentError as error:
-                statuses[index] = to_status(error)
-                continue
-            positions.append(index)
+        protos = list(request.digests)
+        statuses = [None] * len(protos)
+        try:
+            digests = digests_from_protos(protos, field="digests")
+            positions = range(len(protos))
+        except InvalidArgumentError:
+            digests, positions = _validate_read_digests(protos, statuses)
         total_size = sum(digest.size_bytes for digest in digests)
         self._check_batch_size("BatchReadBlobs", "read", total_size)
 
-        data = [b""] * len(request.digests)
+        blobs = [b""] * len(protos)
         if digests:
             outcomes = await as_future(self._store.get_many(digests))
             for index, outcome in zip(positions, outcomes):
                 if isinstance(outcome, BaseException):
                     statuses[index] = to_status(outcome)
                 else:
-                    data[index] = outcome
-                    statuses[index] = _OK_STATUS
+                    blobs[index] = outcome
 
+        # The compressor field is left at its default, IDENTITY.
         response = re_pb2.BatchReadBlobsResponse()
-        for proto, blob, status in zip(request.digests, data, statuses):
-            response.responses.add(
-                digest=proto, data=blob, compressor=re_pb2.Compressor.IDENTITY, status=status
-            )
+        add_response = response.responses.add
+        for proto, blob, status in zip(protos, blobs, statuses):
+            added = add_response()
+            added.digest.CopyFrom(proto)
+            if status is None:
+                added.data = blob
+                added.status.SetInParent()
+            else:
+                added.status.CopyFrom(status)
         return response
 
     @stream_handler
@@ -188,7 +193,53 @@ class ContentAddressableStorageServicer(remote_execution_pb2_grpc.ContentAddress
             )
 
 
-def _validate_upload(index, blob):
+def _first_occurrences(protos, digests, missing):
+    """Return the messages of ``protos`` at the first position of each of ``missing``,
+    in request order. ``digests`` are the parsed ``protos``."""
+    missing_set = set(missing)
+    is_missing = list(map(missing_set.__contains__, digests))
+    if sum(is_missing) == len(missing):
+        # Each missing digest occurs once in the request.
+        return itertools.compress(protos, is_missing)
+
+    first_positions = {}
+    for position, digest in enumerate(digests):
+        first_positions.setdefault(digest, position)
+    return [protos[first_positions[digest]] for digest in missing]
+
+
+def _validate_uploads(entries, datas, statuses):
+    """Validate the BatchUpdateBlobs entries and return ``(blobs, positions)``: the
+    ``(digest, data)`` pairs to store and their positions in the request.
+
+    Sets the error status of each invalid entry in ``statuses``. All entries are checked
+    at once first, and one by one only when some entry is invalid.
+    """
+    try:
+        digests = digests_from_protos(list(map(_get_digest, entries)), field="requests")
+    except InvalidArgumentError:
+        digests = None
+    if (
+        digests is not None
+        and not any(map(_get_compressor, entries))
+        and list(map(len, datas)) == [digest.size_bytes for digest in digests]
+    ):
+        return list(zip(digests, datas)), range(len(entries))
+
+    blobs = []
+    positions = []
+    for index, (entry, data) in enumerate(zip(entries, datas)):
+        try:
+            digest = _validate_upload(index, entry, data)
+        except BgridError as error:
+            statuses[index] = to_status(error)
+            continue
+        blobs.append((digest, data))
+        positions.append(index)
+    return blobs, positions
+
+
+def _validate_upload(index, blob, data):
     """Return the digest of one BatchUpdateBlobs entry, or raise the error for its status."""
     digest = Digest.from_proto(blob.digest, field=f"requests[{index}].digest")
     if blob.compressor != re_pb2.Compressor.IDENTITY:
@@ -198,12 +249,27 @@ def _validate_upload(index, blob):
             f"requests[{index}].compressor: unsupported compressor {name}; this server "
             f"accepts only IDENTITY (uncompressed) data"
         )
-    if len(blob.data) != digest.size_bytes:
+    if len(data) != digest.size_bytes:
         raise DigestMismatchError(
-            f"requests[{index}]: data is {len(blob.data)} bytes but digest {digest} "
+            f"requests[{index}]: data is {len(data)} bytes but digest {digest} "
             f"gives {digest.size_bytes}"
         )
     return digest
+
+
+def _validate_read_digests(protos, statuses):
+    """Validate BatchReadBlobs digests one by one and return ``(digests, positions)`` of
+    the valid ones, setting the error status of each invalid one in ``statuses``."""
+    digests = []
+    positions = []
+    for index, proto in enumerate(protos):
+        try:
+            digests.append(Digest.from_proto(proto, field=f"digests[{index}]"))
+        except InvalidArgumentError as error:
+            statuses[index] = to_status(error)
+            continue
+        positions.append(index)
+    return digests, positions
 
 
 async def _walk_tree(store, root):

@@ -122,9 +122,9 @@ class LruEvictor:
 
     def record_access(self, keys, accessed_at):
         """Remember that the blobs under ``keys`` were used at ``accessed_at`` seconds."""
+        accessed = dict.fromkeys(keys, accessed_at)
         with self._lock:
-            for key in keys:
-                self._accessed[key] = accessed_at
+            self._accessed.update(accessed)
 
     def unflushed_access_count(self):
         """Return the number of blobs whose access time waits for the next flush."""

@@ -110,12 +110,33 @@ def read_record(txn, dbs, key):
     return IndexRecord.unpack(data)
 
 
+def find_stored(txn, dbs, keys, sizes):
+    """Return, for each raw hash in ``keys``, whether the index has it with the size at
+    the same position of ``sizes``."""
+    stored = []
+    unpack_record = _RECORD.unpack_from
+    with txn.cursor(db=dbs.index) as cursor:
+        set_key = cursor.set_key
+        value = cursor.value
+        for key, size_bytes in zip(keys, sizes):
+            stored.append(set_key(key) and unpack_record(value())[0] == size_bytes)
+    return stored
+
+
 def allocate_blob_id(txn, dbs):
     """Return a blob id never handed out before in this database, starting at 1."""
     data = txn.get(_NEXT_BLOB_ID_KEY, db=dbs.meta)
     blob_id = _UINT64.unpack(data)[0] if data is not None else 1
     txn.put(_NEXT_BLOB_ID_KEY, _UINT64.pack(blob_id + 1), db=dbs.meta)
     return blob_id
+
+
+def allocate_blob_ids(txn, dbs, count):
+    """Return the first of ``count`` consecutive blob ids never handed out before."""
+    data = txn.get(_NEXT_BLOB_ID_KEY, db=dbs.meta)
+    first = _UINT64.unpack(data)[0] if data is not None else 1
+    txn.put(_NEXT_BLOB_ID_KEY, _UINT64.pack(first + count), db=dbs.meta)
+    return first
 
 
 def read_stored_bytes(txn, dbs):
@@ -192,6 +213,44 @@ def insert_blob(txn, dbs, key, record):
     txn.put(key, record.pack(), db=dbs.index)
     txn.put(lru_key(record.accessed_at, key), b"", db=dbs.lru)
     return add_stored_bytes(txn, dbs, record.size_bytes)
+
+
+def insert_new_blobs(txn, dbs, blobs, accessed_at, max_stored_bytes=None):
+    """Store each ``(raw hash, data)`` of ``blobs`` whose hash is not in the index yet,
+    with its chunks, index record and ``cas-lru`` key, and update the stored total once.
+
+    Returns ``(inserted, stored_bytes)``: whether each blob was inserted (False for a
+    blob stored already or earlier in ``blobs``) and the new stored total. Returns None
+    and writes nothing when the new blobs would take the stored total above
+    ``max_stored_bytes``.
+    """
+    index = dbs.index
+    get = txn.get
+    new_blobs = {}
+    inserted = []
+    for key, data in blobs:
+        is_new = key not in new_blobs and get(key, db=index) is None
+        if is_new:
+            new_blobs[key] = data
+        inserted.append(is_new)
+
+    stored_bytes = read_stored_bytes(txn, dbs)
+    if not new_blobs:
+        return inserted, stored_bytes
+    stored_bytes += sum(map(len, new_blobs.values()))
+    if max_stored_bytes is not None and stored_bytes > max_stored_bytes:
+        return None
+
+    put = txn.put
+    lru = dbs.lru
+    lru_prefix = _UINT64.pack(accessed_at)
+    first_blob_id = allocate_blob_ids(txn, dbs, len(new_blobs))
+    for blob_id, (key, data) in enumerate(new_blobs.items(), first_blob_id):
+        put_chunks(txn, dbs, blob_id, data)
+        put(key, _RECORD.pack(len(data), blob_id, accessed_at, 0), db=index)
+        put(lru_prefix + key, b"", db=lru)
+    txn.put(_STORED_BYTES_KEY, _UINT64.pack(stored_bytes), db=dbs.meta)
+    return inserted, stored_bytes
 
 
 def delete_blob(txn, dbs, key, blob_id):

@@ -1,13 +1,16 @@
 """The content-addressable store of a bgrid server, kept in LMDB as chunked blobs."""
 
 import functools
+import itertools
+import operator
 from typing import NamedTuple
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bgrid.digest import EMPTY_DIGEST, new_hasher
+from bgrid.digest import EMPTY_DIGEST, hash_hex, keys_of
 from bgrid.errors import (
     BgridError,
     BlobNotFoundError,
@@ -50,48 +53,37 @@ def _do_nothing(txn):
     return None
 
 
-def _hash_all(datas):
-    """Return the SHA-256 hex digest of each bytes-like object, or None where it is None."""
-    digests = []
-    for data in datas:
-        if data is None:
-            digests.append(None)
-            continue
-        hasher = new_hasher()
-        hasher.update(data)
-        digests.append(hasher.hexdigest())
-    return digests
+_get_size_bytes = operator.attrgetter("size_bytes")
 
 
-def _find_present(txn, dbs, digests):
-    """Return the set of ``digests`` whose blobs are in the index with the same size."""
-    present = set()
-    for digest in digests:
-        record = cas_layout.read_record(txn, dbs, digest.key)
-        if record is not None and record.size_bytes == digest.size_bytes:
-            present.add(digest)
-    return present
+def _find_stored(txn, dbs, digests):
+    """Return ``(stored, keys)``: whether each digest's blob is in the index with the
+    same size, and the raw hash of each digest."""
+    keys = keys_of(digests)
+    return cas_layout.find_stored(txn, dbs, keys, map(_get_size_bytes, digests)), keys
 
 
 def _read_verified(txn, dbs, digests):
     """Read and verify whole blobs inside one read transaction.
 
-    Returns a dict from each digest to its ``bytes``, to None when it is absent, or to a
-    ``_Corrupt`` when its chunks are damaged or do not hash to the digest.
+    Returns ``(blobs, keys)``, where ``blobs`` has for each digest its ``bytes``, None
+    when it is absent, or a ``_Corrupt`` when its chunks are damaged or do not hash to
+    the digest, and ``keys`` has the raw hash of each digest.
     """
-    found = {}
-    for digest in digests:
-        record = cas_layout.read_record(txn, dbs, digest.key)
+    keys = keys_of(digests)
+    blobs = []
+    for digest, key in zip(digests, keys):
+        record = cas_layout.read_record(txn, dbs, key)
         if record is None or record.size_bytes != digest.size_bytes:
-            found[digest] = None
+            blobs.append(None)
             continue
 
         data = cas_layout.read_range(txn, dbs, record.blob_id, 0, record.size_bytes)
-        if data is None or _hash_all([data])[0] != digest.hash:
-            found[digest] = _Corrupt(record.blob_id)
+        if data is None or hash_hex(data) != digest.hash:
+            blobs.append(_Corrupt(record.blob_id))
         else:
-            found[digest] = data
-    return found
+            blobs.append(data)
+    return blobs, keys
 
 
 def _read_record(txn, dbs, key):
@@ -228,16 +220,19 @@ class LmdbBlobStore:
     # Queries.
 
     def find_missing(self, digests):
-        unique = list(dict.fromkeys(digests))
-        lookups = [digest for digest in unique if digest != EMPTY_DIGEST]
-        if not lookups:
+        unique = dict.fromkeys(digests)
+        unique.pop(EMPTY_DIGEST, None)
+        if not unique:
             return defer.succeed([])
 
-        def report(present):
-            self._record_access(digest.key for digest in present)
-            return [digest for digest in lookups if digest not in present]
+        lookups = list(unique)
+        reading = self._environment.read(_find_stored, self._dbs, lookups)
+        return reading.addCallback(self._stored_found, lookups)
 
-        return self._environment.read(_find_present, self._dbs, lookups).addCallback(report)
+    def _stored_found(self, found, lookups):
+        stored, keys = found
+        self._record_access(itertools.compress(keys, stored))
+        return list(itertools.compress(lookups, map(operator.not_, stored)))
 
     def get(self, digest):
         def unwrap(results):
@@ -249,34 +244,48 @@ class LmdbBlobStore:
 
     def get_many(self, digests):
         digests = list(digests)
-        lookups = list(dict.fromkeys(digest for digest in digests if digest != EMPTY_DIGEST))
-        if not lookups:
+        unique = dict.fromkeys(digests)
+        unique.pop(EMPTY_DIGEST, None)
+        if not unique:
             return defer.succeed([b"" for _ in digests])
 
+        lookups = list(unique)
         reading = self._environment.read(_read_verified, self._dbs, lookups)
-        return reading.addCallback(self._blobs_read, digests)
+        return reading.addCallback(self._blobs_read, lookups, digests)
 
-    def _blobs_read(self, found, digests):
-        self._record_access(digest.key for digest, data in found.items() if isinstance(data, bytes))
+    def _blobs_read(self, read, lookups, digests):
+        blobs, keys = read
+        self._record_access(key for key, blob in zip(keys, blobs) if type(blob) is bytes)
         drops = [
-            self._drop_corrupt_blob(digest, data.blob_id)
-            for digest, data in found.items()
-            if isinstance(data, _Corrupt)
+            self._drop_corrupt_blob(digest, blob.blob_id)
+            for digest, blob in zip(lookups, blobs)
+            if type(blob) is _Corrupt
         ]
+        if drops:
+            return defer.gatherResults(drops).addCallback(
+                lambda _: self._assemble_blobs(lookups, blobs, digests)
+            )
+        return self._assemble_blobs(lookups, blobs, digests)
 
-        def assemble(_):
-            results = []
-            for digest in digests:
-                data = b"" if digest == EMPTY_DIGEST else found[digest]
-                if data is None:
-                    results.append(BlobNotFoundError(digest))
-                elif isinstance(data, _Corrupt):
-                    results.append(CorruptBlobError(digest))
-                else:
-                    results.append(data)
-            return results
+    def _assemble_blobs(self, lookups, blobs, digests):
+        """Return the ``get_many`` entry of each of ``digests`` from the outcome of
+        reading the distinct non-empty ones, ``lookups``."""
+        if len(lookups) == len(digests) and None not in blobs:
+            if not any(type(blob) is _Corrupt for blob in blobs):
+                # No duplicate, no empty digest and nothing failed: same order already.
+                return blobs
 
-        return defer.gatherResults(drops).addCallback(assemble)
+        found = dict(zip(lookups, blobs))
+        results = []
+        for digest in digests:
+            blob = b"" if digest == EMPTY_DIGEST else found[digest]
+            if blob is None:
+                results.append(BlobNotFoundError(digest))
+            elif type(blob) is _Corrupt:
+                results.append(CorruptBlobError(digest))
+            else:
+                results.append(blob)
+        return results
 
     # Uploads.
 
@@ -290,28 +299,15 @@ class LmdbBlobStore:
     def put_many(self, blobs):
         """Store ``(digest, data)`` pairs as ``IBlobStore.put_many`` describes.
 
-        The data must not change until the returned Deferred fires. All valid blobs are
+        The data must not change until the returned Deferred fires. Large data is hashed
+        on a pool thread, which then queues the inserts itself, and all valid blobs are
         written in one group transaction.
         """
         blobs = list(blobs)
-        to_hash = [
-            data
-            if len(data) == digest.size_bytes and self._check_fits(digest) is None
-            else None
-            for digest, data in blobs
-        ]
-        if sum(len(data) for data in to_hash if data is not None) <= INLINE_HASH_LIMIT:
-            hashing = defer.succeed(_hash_all(to_hash))
-        else:
-            hashing = self._environment.run_in_pool(_hash_all, to_hash)
-        return hashing.addCallback(self._store_hashed, blobs)
-
-    def _store_hashed(self, actual_hashes, blobs):
         results = [None] * len(blobs)
-        now = int(self._clock.seconds())
-        operations = []
-        positions = []
-        for position, ((digest, data), actual_hash) in enumerate(zip(blobs, actual_hashes)):
+        to_store = []
+        hashed_bytes = 0
+        for position, (digest, data) in enumerate(blobs):
             too_large = self._check_fits(digest)
             if len(data) != digest.size_bytes:
                 results[position] = DigestMismatchError(
@@ -320,28 +316,99 @@ class LmdbBlobStore:
                 )
             elif too_large is not None:
                 results[position] = too_large
-            elif actual_hash != digest.hash:
-                results[position] = DigestMismatchError(
-                    f"blob {digest}: the data has SHA-256 {actual_hash}"
-                )
-            elif digest != EMPTY_DIGEST:
-                operations.append(self._insert_operation(digest, data, now))
-                positions.append(position)
+            else:
+                to_store.append((position, digest, data))
+                hashed_bytes += len(data)
+        if not to_store:
+            return defer.succeed(results)
 
-        def settle(outcome, position):
-            results[position] = outcome
-
-        writes = self._environment.write_many(operations)
-        for position, writing in zip(positions, writes):
-            digest = blobs[position][0]
-            writing.addCallbacks(
-                self._blob_inserted,
-                self._blob_failed,
-                callbackArgs=(digest,),
-                errbackArgs=(digest,),
+        now = int(self._clock.seconds())
+        if hashed_bytes <= INLINE_HASH_LIMIT:
+            operations, context = self._hash_and_build_insert(to_store, now)
+            writing = self._environment.write_batch(operations, hashed_bytes)
+            writing.addCallback(lambda outcomes: (context, outcomes))
+        else:
+            writing = self._environment.prepare_write(
+                hashed_bytes, self._hash_and_build_insert, to_store, now
             )
-            writing.addCallback(settle, position)
-        return defer.gatherResults(writes).addCallback(lambda _: results)
+        return writing.addCallback(self._inserts_done, blobs, results, now)
+
+    def _hash_and_build_insert(self, to_store, now):
+        """Hash each ``(position, digest, data)`` and return the operation that inserts
+        the blobs that match, in a list, with ``(matching, mismatches)``.
+
+        Runs on a pool thread for large data, so it reads only settings of the store
+        that do not change after ``start``.
+        """
+        matching = []
+        mismatches = []
+        for position, digest, data in to_store:
+            actual_hash = hash_hex(data)
+            if actual_hash != digest.hash:
+                mismatches.append((position, actual_hash))
+            elif digest != EMPTY_DIGEST:
+                matching.append((position, digest, data))
+        if not matching:
+            return [], (matching, mismatches)
+        return [self._insert_all_operation(matching, now)], (matching, mismatches)
+
+    def _insert_all_operation(self, matching, now):
+        dbs = self._dbs
+        max_stored_bytes = self._evictor.max_stored_bytes
+        keys = keys_of(digest for _, digest, _ in matching)
+        blobs = list(zip(keys, (data for _, _, data in matching)))
+
+        def insert_blobs(txn):
+            return cas_layout.insert_new_blobs(txn, dbs, blobs, now, max_stored_bytes)
+
+        return insert_blobs
+
+    def _inserts_done(self, prepared, blobs, results, now):
+        (matching, mismatches), outcomes = prepared
+        for position, actual_hash in mismatches:
+            results[position] = DigestMismatchError(
+                f"blob {blobs[position][0]}: the data has SHA-256 {actual_hash}"
+            )
+        if not matching:
+            return results
+
+        outcome = outcomes[0]
+        if outcome is None:
+            # The quota needs eviction, which each blob does alone in its own operation,
+            # so that a blob that cannot get room fails alone.
+            operations = [self._insert_operation(digest, data, now) for _, digest, data in matching]
+            size = sum(len(data) for _, _, data in matching)
+            inserting = self._environment.write_batch(operations, size)
+            return inserting.addCallback(self._each_inserted, matching, results)
+        if isinstance(outcome, Failure):
+            for position, digest, _ in matching:
+                results[position] = self._blob_failed(outcome, digest)
+            return results
+
+        inserted, stored_bytes = outcome
+        self._set_stored_bytes(stored_bytes)
+        # Blobs that were stored already count as accessed.
+        self._record_access(
+            digest.key
+            for (_, digest, _), was_inserted in zip(matching, inserted)
+            if not was_inserted
+        )
+        return results
+
+    def _each_inserted(self, outcomes, matching, results):
+        accessed = []
+        for (position, digest, _), outcome in zip(matching, outcomes):
+            if outcome is None:
+                accessed.append(digest.key)
+            elif isinstance(outcome, Failure):
+                results[position] = self._blob_failed(outcome, digest)
+            else:
+                self._set_stored_bytes(outcome.stored_bytes)
+                if outcome.eviction is not None:
+                    self._log_eviction(outcome.eviction, f"blob {digest} needed room")
+        if accessed:
+            self._record_access(accessed)
+        return results
 
     def _insert_operation(self, digest, data, now):
         dbs = self._dbs

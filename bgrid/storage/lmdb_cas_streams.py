@@ -22,7 +22,7 @@ from bgrid.storage.cas_layout import CHUNK_SIZE, IndexRecord
 
 # The number of buffered bytes above which ``write`` returns a Deferred that fires only
 # once the writer has hashed and stored enough chunks to come back under it.
-MAX_BUFFERED_BYTES = 2 * CHUNK_SIZE
+MAX_BUFFERED_BYTES = CHUNK_SIZE
 
 _READ_OK, _READ_CORRUPT, _READ_DELETED = "ok", "corrupt", "deleted"
 
@@ -169,14 +169,16 @@ _OPEN, _COMMITTING, _COMMITTED, _ABORTED, _FAILED = (
 class LmdbBlobWriter:
     """A streamed upload into an ``LmdbBlobStore``.
 
-    Full chunks are hashed (on a pool thread when large) and stored one after another
-    under a fresh blob id that is recorded as a pending upload, so a crash leaves
-    nothing visible and the next start deletes the chunks. At most about
-    ``MAX_BUFFERED_BYTES`` are held in memory while callers wait for ``write``'s
-    Deferreds. ``commit`` stores the last partial chunk, the index record and the end of
-    the pending upload in one transaction, evicting other blobs first when the quota
-    requires. A blob larger than the quota fails its first ``write`` or ``commit`` with
-    ``ResourceExhaustedError``.
+    Full chunks are hashed in order, one at a time (on a pool thread when large), and
+    each hashed chunk is queued for the writer thread at once, so hashing, receiving and
+    committing overlap. The chunks are stored under a fresh blob id that the first
+    chunk's transaction allocates and records as a pending upload, so a crash leaves
+    nothing visible and the next start deletes the chunks. Later chunks wait for that
+    transaction, because they need the id. At most about ``MAX_BUFFERED_BYTES`` are held
+    in memory while callers wait for ``write``'s Deferreds. ``commit`` stores the last
+    partial chunk, the index record and the end of the pending upload in one
+    transaction, evicting other blobs first when the quota requires. A blob larger than
+    the quota fails its first ``write`` or ``commit`` with ``ResourceExhaustedError``.
     """
 
     log = Logger()
@@ -188,11 +190,15 @@ class LmdbBlobWriter:
         self._state = _OPEN
         self._error = None
         self._partial = bytearray()
-        self._full_chunks = collections.deque()
+        # Full chunks waiting to be hashed, and hashed chunks waiting to be queued for
+        # the writer thread.
+        self._unhashed_chunks = collections.deque()
+        self._hashed_chunks = collections.deque()
         self._buffered = 0
-        self._flushing = None
+        self._hashing = False
+        self._chunk_writes = 0
         self._blob_id = None
-        self._chunks_written = 0
+        self._chunks_queued = 0
         self._hasher = new_hasher()
         self._started_at = store._clock.seconds()
         self._room_waiters = []
@@ -209,7 +215,8 @@ class LmdbBlobWriter:
         """Append ``data`` and return a Deferred firing once the buffer has room again.
 
         Fails with ``DigestMismatchError`` (and discards the upload) when the data would
-        exceed the digest's size. The bytes are copied, so ``data`` may be reused.
+        exceed the digest's size. A ``bytes`` object may be kept as it is, and any
+        other buffer is copied, so the caller may reuse it.
         """
         if self._state != _OPEN:
             return defer.fail(self._closed_error())
@@ -280,42 +287,67 @@ class LmdbBlobWriter:
 
     def _split_into_chunks(self, data):
         view = memoryview(data)
+        if self._partial:
+            room = CHUNK_SIZE - len(self._partial)
+            self._partial += view[:room]
+            view = view[room:]
+            if len(self._partial) < CHUNK_SIZE:
+                return
+            self._unhashed_chunks.append(bytes(self._partial))
+            self._partial = bytearray()
 
-        room = CHUNK_SIZE - len(self._partial)
-        self._partial += view[:room]
-        view = view[room:]
-        if len(self._partial) < CHUNK_SIZE:
+        if len(view) == CHUNK_SIZE and isinstance(data, bytes):
+            # A request of exactly one chunk, as clients usually send, is kept uncopied.
+            self._unhashed_chunks.append(data)
             return
-        self._full_chunks.append(bytes(self._partial))
-
         while len(view) >= CHUNK_SIZE:
-            self._full_chunks.append(bytes(view[:CHUNK_SIZE]))
+            self._unhashed_chunks.append(bytes(view[:CHUNK_SIZE]))
             view = view[CHUNK_SIZE:]
         self._partial = bytearray(view)
 
-    # The pump: hashes and stores full chunks one at a time, in order.
+    # The pump: hashes full chunks one at a time, in order, and queues each hashed chunk
+    # for the writer thread.
 
     def _pump(self):
-        if self._flushing is not None:
+        if self._state not in (_OPEN, _COMMITTING):
+            if not self._hashing and not self._chunk_writes:
+                self._idle.fire()
             return
-        if not self._full_chunks or self._state not in (_OPEN, _COMMITTING):
+
+        if not self._hashing and self._unhashed_chunks:
+            self._hashing = True
+            chunk = self._unhashed_chunks.popleft()
+            hashing = self._store._update_hasher(self._hasher, chunk)
+            hashing.addCallbacks(self._chunk_hashed, self._hash_failed, callbackArgs=(chunk,))
+
+        # The first chunk's transaction allocates the blob id that later chunks need.
+        while self._hashed_chunks and (self._blob_id is not None or not self._chunk_writes):
+            self._queue_chunk_write(self._hashed_chunks.popleft())
+            if self._blob_id is None:
+                break
+
+        if self._hashing or self._chunk_writes or self._unhashed_chunks or self._hashed_chunks:
+            if self._idle.fired:
+                self._idle = _Event()
+        else:
             self._idle.fire()
-            return
 
-        if self._idle.fired:
-            self._idle = _Event()
-        chunk = self._full_chunks.popleft()
-        flushing = self._store._update_hasher(self._hasher, chunk)
-        flushing.addCallback(lambda _: self._store._environment.write(self._chunk_operation(chunk)))
-        flushing.addCallbacks(
-            self._chunk_stored, self._chunk_failed, callbackArgs=(len(chunk),)
-        )
-        self._flushing = flushing
+    def _chunk_hashed(self, _, chunk):
+        self._hashing = False
+        if self._state in (_OPEN, _COMMITTING):
+            self._hashed_chunks.append(chunk)
+        self._pump()
 
-    def _chunk_operation(self, chunk):
+    def _queue_chunk_write(self, chunk):
+        self._chunk_writes += 1
+        operation = self._chunk_operation(chunk, self._chunks_queued)
+        self._chunks_queued += 1
+        writing = self._store._environment.write(operation, len(chunk))
+        writing.addCallbacks(self._chunk_stored, self._write_failed, callbackArgs=(len(chunk),))
+
+    def _chunk_operation(self, chunk, number):
         dbs = self._store._dbs
         blob_id = self._blob_id
-        number = self._chunks_written
         started_at = self._started_at
 
         def store_chunk(txn):
@@ -329,9 +361,8 @@ class LmdbBlobWriter:
         return store_chunk
 
     def _chunk_stored(self, blob_id, size):
-        self._flushing = None
+        self._chunk_writes -= 1
         self._blob_id = blob_id
-        self._chunks_written += 1
         self._buffered -= size
 
         if self._buffered <= MAX_BUFFERED_BYTES:
@@ -340,8 +371,13 @@ class LmdbBlobWriter:
                 waiter.callback(None)
         self._pump()
 
-    def _chunk_failed(self, failure):
-        self._flushing = None
+    def _hash_failed(self, failure):
+        self._hashing = False
+        self._fail(failure.value)
+        self._pump()
+
+    def _write_failed(self, failure):
+        self._chunk_writes -= 1
         self._fail(failure.value)
         self._pump()
 
@@ -368,7 +404,9 @@ class LmdbBlobWriter:
             self._state = _COMMITTED
             return None
 
-        storing = self._store._environment.write(self._commit_operation(last_chunk))
+        storing = self._store._environment.write(
+            self._commit_operation(last_chunk), len(last_chunk)
+        )
         return storing.addCallbacks(self._committed, self._commit_failed)
 
     def _commit_operation(self, last_chunk):
@@ -377,7 +415,7 @@ class LmdbBlobWriter:
         digest = self.digest
         key = digest.key
         blob_id = self._blob_id
-        number = self._chunks_written
+        number = self._chunks_queued
         record = IndexRecord(self.digest.size_bytes, 0, int(self._store._clock.seconds()))
 
         def commit_blob(txn):
@@ -422,7 +460,8 @@ class LmdbBlobWriter:
 
     def _drop_buffers(self):
         self._partial = bytearray()
-        self._full_chunks.clear()
+        self._unhashed_chunks.clear()
+        self._hashed_chunks.clear()
         waiters, self._room_waiters = self._room_waiters, []
         for waiter in waiters:
             waiter.errback(self._error)

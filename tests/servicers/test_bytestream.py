@@ -179,6 +179,35 @@ class ReadTests(ServicerTestCase):
         self.assertEqual(b"".join(response.data for response in responses), b"")
 
     @async_test
+    async def test_blob_of_one_chunk(self):
+        data, digest = make_blob(READ_CHUNK_SIZE_BYTES)
+        await self.put_blobs((data, digest))
+
+        responses = await self.read_stream(
+            self.bytestream.Read(bytestream_pb2.ReadRequest(resource_name=read_name(digest)))
+        )
+
+        self.assertEqual([response.data for response in responses], [data])
+
+    @async_test
+    async def test_cancelled_read_releases_blob(self):
+        data, digest = make_blob(6 * READ_CHUNK_SIZE_BYTES)
+        await self.put_blobs((data, digest))
+
+        call = self.bytestream.Read(bytestream_pb2.ReadRequest(resource_name=read_name(digest)))
+        first = await call.read()
+        call.cancel()
+
+        self.assertEqual(first.data, data[:READ_CHUNK_SIZE_BYTES])
+        # The open reader pins the blob until the server handles the cancellation.
+        for _ in range(POLL_ATTEMPTS):
+            if self.store.pinned_blobs == 0:
+                break
+            await asyncio.sleep(POLL_INTERVAL_SECONDS)
+        else:
+            self.fail("the reader of the cancelled Read still pins the blob")
+
+    @async_test
     async def test_sha256_digest_function_segment(self):
         data, digest = make_blob(100)
         await self.put_blobs((data, digest))
@@ -555,6 +584,43 @@ class WriteTests(ServicerTestCase):
             await first.write(request)
         await first.done_writing()
         self.assertEqual((await first).committed_size, len(data))
+
+    @async_test
+    async def test_single_request_write(self):
+        data, digest = make_blob(READ_CHUNK_SIZE_BYTES + 10)
+        name = upload_name(digest)
+
+        response = await self.write(write_requests(name, data, len(data)))
+
+        self.assertEqual(response.committed_size, len(data))
+        self.assertEqual(await self.read_blob(digest), data)
+        status = await self.query(name)
+        self.assertEqual((status.committed_size, status.complete), (len(data), True))
+
+    @async_test
+    async def test_single_request_write_of_stored_blob(self):
+        data, digest = make_blob(5000)
+        await self.put_blobs((data, digest))
+
+        response = await self.write(write_requests(upload_name(digest), data, len(data)))
+
+        self.assertEqual(response.committed_size, len(data))
+        self.assertEqual(await self.read_blob(digest), data)
+
+    @async_test
+    async def test_single_request_hash_mismatch(self):
+        data = make_blob(5000)[0]
+        wrong_digest = make_blob(5000)[1]
+        name = upload_name(wrong_digest)
+
+        await self.assert_rpc_error(
+            self.write(write_requests(name, data, len(data))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            wrong_digest.hash,
+        )
+
+        self.assertFalse(await self.is_stored(wrong_digest))
+        await self.assert_rpc_error(self.query(name), grpc.StatusCode.NOT_FOUND, repr(name))
 
     @async_test
     async def test_query_unknown_upload(self):

@@ -6,6 +6,7 @@ import grpc
 from google.rpc import code_pb2
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from bgrid.bridge import as_future
 from bgrid.digest import EMPTY_DIGEST, Digest
 from bgrid.servicers.cas import encode_page_token
 from tests.servicers.support import (
@@ -120,6 +121,19 @@ class BatchUpdateBlobsTests(ServicerTestCase):
         self.assertEqual([entry.status.code for entry in response.responses], [code_pb2.OK] * 2)
         self.assertTrue(await self.is_stored(first[1]))
         self.assertTrue(await self.is_stored(second[1]))
+
+    @async_test
+    async def test_same_blob_twice(self):
+        data, digest = make_blob(1000)
+        entry = re_pb2.BatchUpdateBlobsRequest.Request(digest=digest_proto(digest), data=data)
+
+        response = await self.cas.BatchUpdateBlobs(
+            re_pb2.BatchUpdateBlobsRequest(requests=[entry, entry])
+        )
+
+        self.assertEqual([entry.status.code for entry in response.responses], [code_pb2.OK] * 2)
+        self.assertEqual(await as_future(self.store.get(digest)), data)
+        self.assertEqual(self.store.stored_bytes, len(data))
 
     @async_test
     async def test_hash_mismatch_fails_that_blob_only(self):

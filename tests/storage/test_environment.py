@@ -6,10 +6,12 @@ import time
 
 import lmdb
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from bgrid.errors import ResourceExhaustedError, UnavailableError
 from bgrid.storage.environment import (
+    MAX_BATCH_BYTES,
     MAX_BATCH_OPERATIONS,
     LmdbEnvironment,
 )
@@ -153,6 +155,95 @@ class LmdbEnvironmentTests(unittest.TestCase):
 
         self.assertEqual(len(set(first)), 1)
         self.assertNotEqual(second, first[0])
+
+    async def test_write_batch_reports_each_outcome(self):
+        self.start()
+
+        def put_then_fail(txn):
+            txn.put(b"b", b"2", db=self.db)
+            raise KeyError("operation failed on purpose")
+
+        outcomes = await self.environment.write_batch(
+            [self.put_operation(b"a", b"1"), put_then_fail, self.put_operation(b"c", b"3")]
+        )
+
+        self.assertEqual(outcomes[0], b"a")
+        self.assertIsInstance(outcomes[1], Failure)
+        self.assertTrue(outcomes[1].check(KeyError))
+        self.assertEqual(outcomes[2], b"c")
+        self.assertEqual(await self.get(b"a"), b"1")
+        self.assertIsNone(await self.get(b"b"))
+        self.assertEqual(await self.get(b"c"), b"3")
+
+    async def test_prepare_write_off_reactor(self):
+        self.start()
+        prepare_threads = []
+
+        def prepare(key, value):
+            prepare_threads.append(threading.current_thread())
+            return [self.put_operation(key, value)], "context"
+
+        result = await self.environment.prepare_write(1, prepare, b"k", b"v")
+
+        self.assertEqual(result, ("context", [b"k"]))
+        self.assertNotEqual(prepare_threads, [threading.main_thread()])
+        self.assertEqual(await self.get(b"k"), b"v")
+
+    async def test_prepare_write_failure(self):
+        self.start()
+
+        def prepare():
+            raise ValueError("preparation failed on purpose")
+
+        with self.assertRaises(ValueError):
+            await self.environment.prepare_write(0, prepare)
+
+    async def test_prepare_write_outliving_stop(self):
+        self.start()
+        release = threading.Event()
+
+        def prepare():
+            release.wait(10)
+            return [self.put_operation(b"late", b"v")], None
+
+        writing = self.environment.prepare_write(1, prepare)
+        # stop() waits for the reader threads, so the preparation ends from another thread.
+        threading.Timer(0.2, release.set).start()
+        await self.environment.stop()
+
+        with self.assertRaises(UnavailableError):
+            await writing
+
+    async def test_group_bytes_limited(self):
+        self.start()
+        entered = threading.Event()
+        release = threading.Event()
+
+        def block_writer(txn):
+            entered.set()
+            release.wait(10)
+
+        def put_returning_transaction_id(key):
+            def put(txn):
+                txn.put(key, b"v", db=self.db)
+                return txn.id()
+
+            return put
+
+        blocking = self.environment.write(block_writer)
+        self.assertTrue(entered.wait(10))
+        # Queued while the writer is busy, so only the byte limit splits them.
+        half = MAX_BATCH_BYTES // 2
+        writes = [
+            self.environment.write(put_returning_transaction_id(b"big-%d" % number), half + 1)
+            for number in range(3)
+        ] + [self.environment.write(put_returning_transaction_id(b"small"), 1)]
+        release.set()
+        await blocking
+        transaction_ids = await defer.gatherResults(writes)
+
+        self.assertEqual(len(set(transaction_ids[:3])), 3)
+        self.assertEqual(transaction_ids[3], transaction_ids[2])
 
     async def test_failed_group_commit_retries_each_write(self):
         self.start()

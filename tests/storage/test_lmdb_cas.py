@@ -6,6 +6,7 @@ from twisted.trial import unittest
 
 from bgrid.errors import (
     BlobNotFoundError,
+    CancelledError,
     CorruptBlobError,
     DigestMismatchError,
     ResourceExhaustedError,
@@ -14,7 +15,13 @@ from bgrid.storage import cas_layout
 from bgrid.storage.cas_layout import CHUNK_SIZE, CasDatabases
 from bgrid.storage.lmdb_cas import DEFAULT_ACCESS_FLUSH_INTERVAL
 from tests.storage.contracts import BlobStoreContract
-from tests.storage.support import MiB, random_blob, read_all, start_storage
+from tests.storage.support import (
+    MiB,
+    assert_consistent,
+    random_blob,
+    read_all,
+    start_storage,
+)
 from tests.util import make_temp_dir
 
 
@@ -120,6 +127,34 @@ class LmdbBlobStoreTests(unittest.TestCase):
         self.assertEqual(await reopened.environment.read(_count_entries, dbs.pending), 0)
         self.assertEqual(await reopened.environment.read(_count_entries, dbs.chunks), 0)
         self.assertEqual(await reopened.blob_store.find_missing([digest]), [digest])
+
+    async def test_put_many_stores_duplicates_once(self):
+        data, digest = random_blob(5000)
+        other_data, other = random_blob(7000)
+
+        results = await self.store.put_many([(digest, data), (other, other_data), (digest, data)])
+
+        self.assertEqual(results, [None, None, None])
+        self.assertEqual(self.store.stored_bytes, 12000)
+        self.assertEqual(await self.environment.read(_count_entries, self.dbs.index), 2)
+        await assert_consistent(self, self.store)
+
+    async def test_put_many_mixes_stored_new_and_mismatched(self):
+        stored_data, stored = random_blob(3000)
+        new_data, new = random_blob(3000)
+        wrong_data = random_blob(3000)[0]
+        await self.store.put(stored, stored_data)
+
+        results = await self.store.put_many(
+            [(stored, stored_data), (new, wrong_data), (new, new_data)]
+        )
+
+        self.assertIsNone(results[0])
+        self.assertIsInstance(results[1], DigestMismatchError)
+        self.assertIsNone(results[2])
+        self.assertEqual(await self.store.get(new), new_data)
+        self.assertEqual(self.store.stored_bytes, 6000)
+        await assert_consistent(self, self.store)
 
     async def damage_chunk(self, digest, number, replacement):
         """Overwrite (or delete, when ``replacement`` is None) one stored chunk."""
@@ -300,6 +335,21 @@ class LmdbBlobWriterStateTests(unittest.TestCase):
         dbs = CasDatabases.of(self.stack.environment)
         self.assertEqual(await self.stack.environment.read(_count_entries, dbs.chunks), 0)
         self.assertEqual(await self.stack.environment.read(_count_entries, dbs.pending), 0)
+
+    async def test_abort_with_chunk_writes_in_flight(self):
+        data, digest = random_blob(6 * MiB)
+        writer = self.store.open_writer(digest)
+        # Returns once chunks are stored, so the blob id of the upload is known.
+        await writer.write(data[: 3 * MiB])
+
+        writer.write(data[3 * MiB :]).addErrback(lambda failure: failure.trap(CancelledError))
+        await writer.abort()
+
+        environment = self.stack.environment
+        dbs = CasDatabases.of(environment)
+        self.assertEqual(await environment.read(_count_entries, dbs.chunks), 0)
+        self.assertEqual(await environment.read(_count_entries, dbs.pending), 0)
+        self.assertEqual(await self.store.find_missing([digest]), [digest])
 
     async def test_concurrent_writers_leave_one_copy(self):
         data, digest = random_blob(3 * MiB)
