@@ -185,10 +185,11 @@ class LruEvictor:
             return None
         return self._evict(txn, dbs, stored - self.low_watermark_bytes)
 
-    def reclaim(self, txn, dbs, target_bytes):
+    def reclaim(self, txn, dbs, target_bytes, is_enough=None):
         """Evict about ``target_bytes`` of least-recently-used blobs, whatever the quota,
-        for a map that is full. Returns the ``Eviction``."""
-        return self._evict(txn, dbs, target_bytes)
+        for a map or disk that is full or nearly full. Stops early once ``is_enough()``
+        returns true, as ``cas_layout.evict_lru`` describes. Returns the ``Eviction``."""
+        return self._evict(txn, dbs, target_bytes, is_enough)
 
     def _stored_bytes_target(self, size_bytes):
         """Return the stored total that eviction goes down to before inserting a blob of
@@ -199,9 +200,9 @@ class LruEvictor:
             return below_watermark
         return self.max_stored_bytes - size_bytes
 
-    def _evict(self, txn, dbs, bytes_to_free):
+    def _evict(self, txn, dbs, bytes_to_free, is_enough=None):
         self._write_unflushed_access_times(txn, dbs)
-        return cas_layout.evict_lru(txn, dbs, bytes_to_free, self._is_protected)
+        return cas_layout.evict_lru(txn, dbs, bytes_to_free, self._is_protected, is_enough)
 
     def _write_unflushed_access_times(self, txn, dbs):
         # NOTE: every eviction writes all access times since the last flush, because the

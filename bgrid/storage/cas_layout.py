@@ -48,6 +48,9 @@ _BLOB_ID = struct.Struct(">Q")
 # append fields without breaking older records.
 _RECORD = struct.Struct(">QQQI")
 
+# The number of blobs that ``evict_lru`` deletes between two calls of its ``is_enough``.
+ENOUGH_CHECK_INTERVAL = 16
+
 
 class IndexRecord(NamedTuple):
     """The index entry of a stored blob.
@@ -313,36 +316,42 @@ def update_access_times(txn, dbs, accessed):
     return changed
 
 
-def evict_lru(txn, dbs, bytes_to_free, is_protected):
-    """Delete least-recently-used blobs until ``bytes_to_free`` bytes are freed or no
-    blob is left to delete.
+def evict_lru(txn, dbs, bytes_to_free, is_protected, is_enough=None):
+    """Delete least-recently-used blobs until ``bytes_to_free`` bytes are freed, no blob
+    is left to delete, or ``is_enough()`` returns true.
 
-    Blobs whose raw hash makes ``is_protected`` return true are skipped. Each call
-    walks ``cas-lru`` from its start, so its cost grows with the number of protected
-    blobs older than the ones it deletes. Returns an ``Eviction``.
+    Blobs whose raw hash makes ``is_protected`` return true are skipped. ``is_enough``,
+    when given, is called after every ``ENOUGH_CHECK_INTERVAL`` deleted blobs, so the
+    caller can stop on a measure other than blob bytes, such as pages. Each call walks
+    ``cas-lru`` from its start, so its cost grows with the number of protected blobs
+    older than the ones it deletes. Returns an ``Eviction``.
     """
     blobs = 0
     freed_bytes = 0
-    stale_keys = []
+    unchecked = 0
     with txn.cursor(db=dbs.lru) as cursor:
         found = cursor.first()
         while found and freed_bytes < bytes_to_free:
             position = bytes(cursor.key())
             key = position[_UINT64.size :]
             record = read_record(txn, dbs, key)
-            if record is None or lru_key(record.accessed_at, key) != position:
-                stale_keys.append(position)
-            elif not is_protected(key):
+            if record is not None and lru_key(record.accessed_at, key) == position:
+                if is_protected(key):
+                    found = cursor.next()
+                    continue
                 txn.delete(key, db=dbs.index)
                 delete_chunks(txn, dbs, record.blob_id)
-                stale_keys.append(position)
                 blobs += 1
                 freed_bytes += record.size_bytes
-            found = cursor.next()
+                unchecked += 1
+            # The key is evicted or stale. Deleting it moves the cursor to the next key,
+            # or leaves it unpositioned with an empty key after the last one.
+            found = cursor.delete() and len(cursor.key()) > 0
+            if is_enough is not None and unchecked >= ENOUGH_CHECK_INTERVAL:
+                unchecked = 0
+                if is_enough():
+                    break
 
-    # Deleted after the walk, because deleting under the cursor would move it.
-    for position in stale_keys:
-        txn.delete(position, db=dbs.lru)
     return Eviction(blobs, freed_bytes, add_stored_bytes(txn, dbs, -freed_bytes))
 
 

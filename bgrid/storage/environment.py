@@ -2,9 +2,7 @@
 thread pool."""
 
 import collections
-import contextlib
 import os
-import queue
 import struct
 import threading
 
@@ -14,6 +12,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bgrid.errors import ResourceExhaustedError, UnavailableError
+from bgrid.storage import space
+from bgrid.storage.threads import OutcomeDelivery, ReaderPool, TransactionGate
 
 DEFAULT_MAP_SIZE = 1 << 40
 DEFAULT_READER_THREADS = 4
@@ -56,129 +56,9 @@ class _QueuedWrite:
         self.size = size
 
 
-class _TransactionGate:
-    """A gate that lets any number of transactions run at once, or a map resize alone.
-
-    LMDB allows ``mdb_env_set_mapsize`` only while no transaction of the process is
-    active, and does not check it (lmdb.h of LMDB 0.9.x), so every transaction of the
-    environment enters this gate and the resize waits for all of them to leave.
-    """
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._active = 0
-        self._resizing = False
-
-    @contextlib.contextmanager
-    def transaction(self):
-        """Hold the gate open for one transaction, waiting while a resize runs."""
-        with self._condition:
-            while self._resizing:
-                self._condition.wait()
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._active -= 1
-                if self._active == 0:
-                    self._condition.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        """Close the gate to new transactions and wait until the active ones end."""
-        with self._condition:
-            self._resizing = True
-            while self._active:
-                self._condition.wait()
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._resizing = False
-                self._condition.notify_all()
-
-
 class _OperationFailed(Exception):
     """An operation of a group applied without nested transactions raised, so the group
     transaction was aborted and the group must be applied again with nesting."""
-
-
-class _OutcomeDelivery:
-    """Fires Deferreds on the reactor thread with outcomes computed on storage threads.
-
-    Each ``callFromThread`` wakes the reactor through a pipe, so outcomes posted while a
-    delivery is already scheduled join it instead of scheduling another one.
-    """
-
-    def __init__(self, reactor):
-        self._reactor = reactor
-        self._lock = threading.Lock()
-        self._pending = []
-
-    def post(self, deferred, outcome):
-        """Fire ``deferred`` with ``outcome`` (a ``Failure`` errbacks) on the reactor
-        thread. Callable from any thread."""
-        with self._lock:
-            self._pending.append((deferred, outcome))
-            scheduled = len(self._pending) > 1
-        if not scheduled:
-            self._reactor.callFromThread(self._deliver)
-
-    def post_many(self, deferreds, outcomes):
-        """Post each outcome to the Deferred at the same position."""
-        with self._lock:
-            scheduled = bool(self._pending)
-            self._pending.extend(zip(deferreds, outcomes))
-        if not scheduled:
-            self._reactor.callFromThread(self._deliver)
-
-    def _deliver(self):
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for deferred, outcome in pending:
-            if isinstance(outcome, Failure):
-                deferred.errback(outcome)
-            else:
-                deferred.callback(outcome)
-
-
-class _ReaderPool:
-    """A fixed set of threads that run read transactions and CPU work such as hashing.
-
-    Lighter than ``twisted.python.threadpool.ThreadPool``: a job is one queue entry and
-    its outcome goes through ``_OutcomeDelivery``, with no context tracking.
-    """
-
-    def __init__(self, size, name):
-        self._jobs = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
-            for index in range(size)
-        ]
-
-    def start(self):
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, function, *args):
-        """Call ``function(*args)`` on a pool thread. It must not raise."""
-        self._jobs.put((function, args))
-
-    def stop(self):
-        """Let the threads finish the jobs queued so far, then wait for them to end."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _work(self):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            function, args = job
-            function(*args)
 
 
 def _is_map_full(outcome):
@@ -204,14 +84,25 @@ class LmdbEnvironment:
     with each operation in a nested transaction. Reads run on a small thread pool, one
     read transaction per call. Every Deferred returned here fires on the reactor thread.
 
-    A full map (``lmdb.MapFullError``) is handled on the writer thread before the writes
-    that hit it fail: the map doubles, up to ``max_map_size``, while a gate keeps every
-    other transaction of the process out. At the maximum, the reclaimer set with
-    ``set_space_reclaimer`` (the CAS evicts least-recently-used blobs) frees space in a
-    transaction of its own, and the writes run again. Only when neither helps do they
-    fail with ``ResourceExhaustedError``. Every transaction on this environment must
-    therefore go through ``read`` or ``write``, because a transaction opened on the
+    Each group transaction counts the pages of all databases before it commits (see
+    ``space``). When the used pages plus room for copy-on-write pass the high-water mark
+    of ``max_map_size``, the reclaimer set with ``set_space_reclaimer`` (the CAS evicts
+    least-recently-used blobs) frees pages down to the low mark in a transaction of its
+    own, so the map keeps room for deletes and for records that cannot be evicted.
+
+    A full map (``lmdb.MapFullError``) is the last resort, handled on the writer thread
+    before the writes that hit it fail: the map doubles, up to ``max_map_size``, while a
+    gate keeps every other transaction of the process out. At the maximum, the reclaimer
+    frees space, and the writes run again. Only when neither helps do they fail with
+    ``ResourceExhaustedError``. Every transaction on this environment must therefore go
+    through ``read`` or ``write``, because a transaction opened on the
     ``lmdb.Environment`` directly would not hold the resize off.
+
+    A write that fails because the disk is full (see ``space.disk_full_cause``) makes
+    the reclaimer free space, and the failed writes run once more. Those that fail again
+    fail with ``ResourceExhaustedError``, and these failures are logged at most once per
+    ``space.DISK_FULL_LOG_INTERVAL`` seconds. LMDB aborts a transaction whose commit
+    failed, so nothing of it becomes visible, and the environment stays usable.
     """
 
     log = Logger()
@@ -262,9 +153,15 @@ class LmdbEnvironment:
         self._writer_exited = False
         self._writer_stopped = None
         self._closed_waiters = []
-        self._gate = _TransactionGate()
+        self._gate = TransactionGate()
         self._reclaimer = None
         self._environment_db = None
+        # Written and read on the writer thread only.
+        self._counted_databases = ()
+        self._marks = None
+        self._page_usage = None
+        self._high_water_retry_pages = 0
+        self._disk_full_log = None
 
     def start(self):
         """Open the environment and its databases and start the writer and reader threads.
@@ -298,15 +195,26 @@ class LmdbEnvironment:
             for name in self._database_names:
                 self._databases[name] = self._env.open_db(name)
             self._environment_db = self._env.open_db(ENVIRONMENT_DATABASE)
+            # The main database holds one record per named database.
+            main_db = self._env.open_db(None)
         except lmdb.Error:
             self._env.close()
             self._env = None
             raise
         # LMDB raises the map to the size of the data already in the file.
         self.map_size = self._env.info()["map_size"]
+        self._counted_databases = (
+            *self._databases.values(),
+            self._environment_db,
+            main_db,
+        )
+        self._marks = space.MapMarks.for_map(self.max_map_size, self._env.stat()["psize"])
+        self._page_usage = None
+        self._high_water_retry_pages = 0
+        self._disk_full_log = space.DiskFullLog(self.log, self._reactor)
 
-        self._delivery = _OutcomeDelivery(self._reactor)
-        self._reader_pool = _ReaderPool(self.reader_threads, "bgrid-lmdb-reader")
+        self._delivery = OutcomeDelivery(self._reactor)
+        self._reader_pool = ReaderPool(self.reader_threads, "bgrid-lmdb-reader")
         self._reader_pool.start()
         self._writer_exited = False
 
@@ -318,10 +226,12 @@ class LmdbEnvironment:
         self._writer_thread.start()
         self.log.info(
             "opened LMDB environment at {path} with a map size of {map_size} bytes "
-            "(maximum {max_map_size} bytes)",
+            "(maximum {max_map_size} bytes; blobs are evicted when used pages plus room "
+            "for copy-on-write pass {high_bytes} bytes)",
             path=self.path,
             map_size=self.map_size,
             max_map_size=self.max_map_size,
+            high_bytes=self._marks.high_pages * self._marks.page_size,
         )
 
     def stop(self):
@@ -346,6 +256,7 @@ class LmdbEnvironment:
     def _close(self, _):
         self._writer_thread.join()
         self._reader_pool.stop()
+        self._disk_full_log.flush()
         self._env.close()
         self._env = None
         self._databases = {}
@@ -369,13 +280,17 @@ class LmdbEnvironment:
         return self._databases[name]
 
     def set_space_reclaimer(self, reclaim):
-        """Set the function that frees space when the map is full at ``max_map_size``.
+        """Set the function that frees space when the map passes its high-water mark,
+        is full at ``max_map_size``, or the disk is full.
 
-        The writer thread calls ``reclaim(txn, target_bytes)`` in a write transaction of
-        its own. It should delete about ``target_bytes`` of data, or all it can when
-        that is less, and return ``(freed_bytes, on_commit)``: the bytes of data it
-        deleted and a callable (or None) that runs on the reactor thread once the
-        transaction is committed. Returning 0 bytes means nothing more can be freed.
+        The writer thread calls ``reclaim(txn, target_bytes, reason, is_enough)`` in a
+        write transaction of its own. It should delete about ``target_bytes`` of data, or
+        all it can when that is less, and stop early once ``is_enough()`` returns true,
+        calling it every few deletions. ``is_enough`` is None when only the bytes count.
+        ``reason`` says why space is needed, for the reclaimer's log message. It returns
+        ``(freed_bytes, on_commit)``: the bytes of data it deleted and a callable (or
+        None) that runs on the reactor thread once the transaction is committed.
+        Returning 0 bytes means nothing more can be freed.
         """
         self._reclaimer = reclaim
 
@@ -562,6 +477,9 @@ class LmdbEnvironment:
         operations = [operation for queued in batch for operation in queued.operations]
         outcomes = self._apply_with_fallback(operations)
         outcomes = self._retry_after_map_full(operations, outcomes)
+        outcomes = self._retry_after_disk_full(
+            operations, outcomes, sum(queued.size for queued in batch)
+        )
         outcomes = [
             self._translate_failure(outcome) if isinstance(outcome, Failure) else outcome
             for outcome in outcomes
@@ -580,6 +498,7 @@ class LmdbEnvironment:
                 delivered.extend(outcomes[position : position + count])
             position += count
         self._delivery.post_many(deferreds, delivered)
+        self._evict_above_high_water()
 
     def _apply_with_fallback(self, operations):
         """Apply ``operations`` in one group transaction, or each alone when the group
@@ -587,8 +506,13 @@ class LmdbEnvironment:
         try:
             return self._apply_group(operations)
         except Exception as error:
-            # A full map is handled for the whole group by _retry_after_map_full.
-            if len(operations) == 1 or isinstance(error, lmdb.MapFullError):
+            # A full map or disk is handled for the whole group by _retry_after_map_full
+            # or _retry_after_disk_full, because each write alone would fail too.
+            if (
+                len(operations) == 1
+                or isinstance(error, lmdb.MapFullError)
+                or space.disk_full_cause(error, self.path) is not None
+            ):
                 return [Failure(error) for _ in operations]
             self._reactor.callFromThread(
                 self.log.warn,
@@ -627,11 +551,16 @@ class LmdbEnvironment:
         ``_OperationFailed`` with the Failure, after aborting, when one raises."""
         with self._gate.transaction(), self._env.begin(write=True) as txn:
             try:
-                return [operation(txn) for operation in operations]
+                outcomes = [operation(txn) for operation in operations]
+                failure = None
             except Exception:
                 failure = Failure()
-            # Aborts the transaction on the way out of the with block.
-            raise _OperationFailed(failure)
+            if failure is not None:
+                # Aborts the transaction on the way out of the with block.
+                raise _OperationFailed(failure)
+            usage = self._count_pages(txn)
+        self._page_usage = usage
+        return outcomes
 
     def _apply_nested(self, operations):
         outcomes = []
@@ -642,7 +571,59 @@ class LmdbEnvironment:
                         outcomes.append(operation(nested))
                 except Exception:
                     outcomes.append(Failure())
+            usage = self._count_pages(txn)
+        self._page_usage = usage
         return outcomes
+
+    def _count_pages(self, txn):
+        return space.count_pages(txn, self._counted_databases)
+
+    # Eviction before the map fills.
+
+    def _evict_above_high_water(self):
+        """Evict down to the low mark when the last commit left the map's needed pages
+        above the high-water mark.
+
+        When eviction cannot go below the low mark (the remaining blobs are pinned or
+        open), it runs again only once the needed pages have grown by the distance
+        between the marks, so a map full of pinned blobs is not walked after every write.
+        """
+        marks = self._marks
+        usage = self._page_usage
+        if self._reclaimer is None or usage is None or usage.needed_pages <= marks.high_pages:
+            return
+        if usage.needed_pages < self._high_water_retry_pages:
+            return
+
+        reason = (
+            f"the LMDB map at {self.path} needs {usage.needed_pages * marks.page_size} of "
+            f"its maximum {self.max_map_size} bytes (used pages plus room for "
+            f"copy-on-write), above its high-water mark of "
+            f"{marks.high_pages * marks.page_size} bytes"
+        )
+        while usage.needed_pages > marks.low_pages:
+            excess_bytes = (usage.needed_pages - marks.low_pages) * marks.page_size
+            target_bytes = min(excess_bytes, space.MAX_EVICTION_BYTES)
+            freed_bytes = self._reclaim_space(target_bytes, reason, marks.low_pages)
+            usage = self._page_usage
+            if freed_bytes == 0:
+                break
+
+        if usage.needed_pages <= marks.low_pages:
+            self._high_water_retry_pages = 0
+            return
+        self._high_water_retry_pages = usage.needed_pages + marks.high_pages - marks.low_pages
+        self._reactor.callFromThread(
+            self.log.warn,
+            "the LMDB map at {path} still needs {needed_bytes} bytes after evicting every "
+            "blob that no queued or running action pins and no reader has open, above its "
+            "low mark of {low_bytes} bytes; writes fail once the map is full at "
+            "{max_map_size} bytes",
+            path=self.path,
+            needed_bytes=usage.needed_pages * marks.page_size,
+            low_bytes=marks.low_pages * marks.page_size,
+            max_map_size=self.max_map_size,
+        )
 
     # A full map.
 
@@ -657,7 +638,11 @@ class LmdbEnvironment:
 
             grown = self.map_size < self.max_map_size and self._grow_map()
             if not grown:
-                if self._reclaim_space(reclaim_bytes) == 0:
+                reason = (
+                    f"the LMDB map at {self.path} is full at its maximum of "
+                    f"{self.max_map_size} bytes"
+                )
+                if self._reclaim_space(reclaim_bytes, reason) == 0:
                     return outcomes
                 reclaim_bytes *= 2
 
@@ -675,6 +660,7 @@ class LmdbEnvironment:
                 self._env.set_mapsize(new_size)
         except lmdb.Error as error:
             self.max_map_size = old_size
+            self._marks = space.MapMarks.for_map(old_size, self._marks.page_size)
             self._reactor.callFromThread(
                 self.log.error,
                 "growing the LMDB map at {path} from {old_size} to {new_size} bytes "
@@ -697,39 +683,38 @@ class LmdbEnvironment:
         )
         return True
 
-    def _reclaim_space(self, target_bytes):
-        """Run the reclaimer, then commit one more write so that LMDB can reuse the
-        freed pages. Returns the bytes of data freed, 0 when nothing could be."""
+    def _reclaim_space(self, target_bytes, reason, down_to_pages=None):
+        """Run the reclaimer for ``target_bytes`` because of ``reason``, stopping early
+        once the needed pages are at most ``down_to_pages`` when that is given. Then
+        commit one more write so that LMDB can reuse the freed pages. Returns the bytes
+        of data freed, 0 when nothing could be."""
         if self._reclaimer is None:
             return 0
         try:
             with self._gate.transaction(), self._env.begin(write=True) as txn:
-                freed_bytes, on_commit = self._reclaimer(txn, target_bytes)
+                is_enough = None
+                if down_to_pages is not None:
+
+                    def is_enough():
+                        return self._count_pages(txn).needed_pages <= down_to_pages
+
+                freed_bytes, on_commit = self._reclaimer(txn, target_bytes, reason, is_enough)
+                usage = self._count_pages(txn)
         except Exception as error:
             self._reactor.callFromThread(
                 self.log.error,
-                "LMDB map at {path} is full at its maximum of {max_map_size} bytes and "
-                "freeing {target_bytes} bytes failed: {error}",
-                path=self.path,
-                max_map_size=self.max_map_size,
+                "{reason} and freeing {target_bytes} bytes failed: {error}",
+                reason=reason,
                 target_bytes=target_bytes,
                 error=error,
             )
             return 0
+        self._page_usage = usage
         if not freed_bytes:
             return 0
-
         if on_commit is not None:
             self._reactor.callFromThread(on_commit)
-        self._reactor.callFromThread(
-            self.log.info,
-            "LMDB map at {path} is full at its maximum of {max_map_size} bytes, so "
-            "{freed_bytes} bytes of data were freed (requested {target_bytes})",
-            path=self.path,
-            max_map_size=self.max_map_size,
-            freed_bytes=freed_bytes,
-            target_bytes=target_bytes,
-        )
+
         try:
             with self._gate.transaction(), self._env.begin(write=True) as txn:
                 data = txn.get(_RECLAIM_COUNT_KEY, db=self._environment_db)
@@ -744,6 +729,59 @@ class LmdbEnvironment:
                 error=error,
             )
         return freed_bytes
+
+    # A full disk.
+
+    def _retry_after_disk_full(self, operations, outcomes, size):
+        """Evict, then apply once more the operations that failed because the disk is
+        full, and turn those that fail again into ``ResourceExhaustedError``.
+
+        ``size`` is the data bytes that the operations declared: eviction frees at least
+        that, and at least as much as the first round for a full map. Returns the
+        updated outcomes.
+        """
+        full = self._find_disk_full(outcomes)
+        if not full:
+            return outcomes
+
+        cause = next(iter(full.values()))[0]
+        target_bytes = max(size, min(FIRST_RECLAIM_BYTES, self.max_map_size // 16))
+        if self._reclaim_space(target_bytes, cause) > 0:
+            retried = self._apply_with_fallback([operations[index] for index in full])
+            for index, outcome in zip(full, retried):
+                outcomes[index] = outcome
+            full = self._find_disk_full(outcomes)
+            if not full:
+                return outcomes
+
+        for index, (cause, error) in full.items():
+            outcomes[index] = Failure(self._disk_full_error(cause, error))
+        self._reactor.callFromThread(self._disk_full_log.failed, len(full), str(error), cause)
+        return outcomes
+
+    def _find_disk_full(self, outcomes):
+        """Return ``{index: (cause, error)}`` for the outcomes that failed because the disk
+        is full."""
+        full = {}
+        causes = {}
+        for index, outcome in enumerate(outcomes):
+            if not isinstance(outcome, Failure) or not outcome.check(lmdb.Error):
+                continue
+            error = outcome.value
+            # A failed group commit gives every operation the same error object.
+            if id(error) not in causes:
+                causes[id(error)] = space.disk_full_cause(error, self.path)
+            if causes[id(error)] is not None:
+                full[index] = (causes[id(error)], error)
+        return full
+
+    def _disk_full_error(self, cause, error):
+        evicted = "" if self._reclaimer is None else " even after evicting unpinned blobs"
+        return ResourceExhaustedError(
+            f"storage is full: {cause}, so writing to the LMDB environment failed{evicted} "
+            f"({error}). Free space on that disk, or set the maximum map size (--map-size) "
+            f"below its free space, so that blobs are evicted before the disk fills."
+        )
 
     def _translate_failure(self, failure):
         if failure.check(lmdb.MapFullError):

@@ -106,8 +106,9 @@ class LmdbBlobStore:
     ``cas_eviction`` describes, and a blob larger than the quota is rejected with
     ``ResourceExhaustedError`` before its data is hashed. The quota counts blob bytes
     only: chunks of uploads in progress, the index and LMDB's free pages take disk
-    space beyond it. When the LMDB map is full at its maximum size, the store evicts
-    least-recently-used blobs whatever the quota.
+    space beyond it. When the LMDB map nears its maximum size, is full, or the disk is
+    full, the environment makes the store evict least-recently-used blobs whatever the
+    quota.
     """
 
     log = Logger()
@@ -585,15 +586,16 @@ class LmdbBlobStore:
 
     # Eviction.
 
-    def _reclaim_map_space(self, txn, target_bytes):
-        """Free about ``target_bytes`` for a full map, as ``set_space_reclaimer`` of the
-        environment requires. Runs on the writer thread."""
-        eviction = self._evictor.reclaim(txn, self._dbs, target_bytes)
-        return eviction.freed_bytes, functools.partial(self._map_space_reclaimed, eviction)
+    def _reclaim_map_space(self, txn, target_bytes, reason, is_enough=None):
+        """Free about ``target_bytes`` for the map or the disk because of ``reason``, as
+        ``set_space_reclaimer`` of the environment requires. Runs on the writer thread."""
+        eviction = self._evictor.reclaim(txn, self._dbs, target_bytes, is_enough)
+        on_commit = functools.partial(self._map_space_reclaimed, eviction, reason)
+        return eviction.freed_bytes, on_commit
 
-    def _map_space_reclaimed(self, eviction):
+    def _map_space_reclaimed(self, eviction, reason):
         self._set_stored_bytes(eviction.stored_bytes)
-        self._log_eviction(eviction, "the LMDB map is full at its maximum size")
+        self._log_eviction(eviction, reason)
 
     def _log_eviction(self, eviction, reason):
         self.log.info(

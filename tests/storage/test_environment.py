@@ -248,7 +248,7 @@ class LmdbEnvironmentTests(unittest.TestCase):
     async def test_failed_group_commit_retries_each_write(self):
         self.start()
         failing_env = _FirstGroupCommitFails(
-            self.environment._env, lmdb.DiskError("simulated failure of a group commit")
+            self.environment._env, lmdb.TxnFullError("simulated failure of a group commit")
         )
         self.environment._env = failing_env
 
@@ -423,39 +423,89 @@ class LmdbEnvironmentMapFullTests(unittest.TestCase):
         self.assertEqual(self.environment.map_size, 512 * 1024)
         self.assertEqual(await self.get(b"b"), b"2")
 
-    async def test_reclaimer_frees_space_at_maximum(self):
-        self.start(2 << 20)
-        reclaims = []
-        committed = []
+    def deleting_reclaimer(self, calls, committed, before_full_map):
+        """Return a reclaimer that deletes keys from the start of the test database and
+        records each call in ``calls`` as ``(thread, target_bytes, is_enough)`` and each
+        commit in ``committed``. Unless ``before_full_map``, it frees nothing when
+        called with an ``is_enough`` check, so writes run into the full map."""
 
-        def reclaim(txn, target_bytes):
-            reclaims.append((threading.current_thread(), target_bytes))
+        def reclaim(txn, target_bytes, reason, is_enough):
+            calls.append((threading.current_thread(), target_bytes, is_enough))
+            if is_enough is not None and not before_full_map:
+                return 0, None
             freed = 0
             with txn.cursor(db=self.db) as cursor:
                 keys = [bytes(key) for key in cursor.iternext(values=False)]
             for key in keys:
                 freed += len(txn.get(key, db=self.db))
                 txn.delete(key, db=self.db)
-                if freed >= target_bytes:
+                if freed >= target_bytes or (is_enough is not None and is_enough()):
                     break
             return freed, lambda: committed.append(threading.current_thread())
 
-        self.environment.set_space_reclaimer(reclaim)
+        return reclaim
+
+    async def test_reclaimer_frees_space_at_maximum(self):
+        self.start(2 << 20)
+        calls = []
+        committed = []
+        self.environment.set_space_reclaimer(
+            self.deleting_reclaimer(calls, committed, before_full_map=False)
+        )
 
         for number in range(12):
             await self.environment.write(self.put_operation(b"%02d" % number, b"v" * 400_000))
+        # The writer thread evicts after delivering a write's result, so this write's
+        # result arrives after the last eviction's commit callback.
+        await self.environment.write(lambda txn: None)
 
-        self.assertGreater(len(reclaims), 0)
-        self.assertNotEqual(reclaims[0][0], threading.main_thread())
-        self.assertEqual(committed, [threading.main_thread()] * len(reclaims))
+        full_map_calls = [call for call in calls if call[2] is None]
+        self.assertGreater(len(full_map_calls), 0)
+        self.assertNotEqual(full_map_calls[0][0], threading.main_thread())
+        self.assertEqual(committed, [threading.main_thread()] * len(full_map_calls))
         self.assertEqual(await self.get(b"11"), b"v" * 400_000)
         self.assertIsNone(await self.get(b"00"))
+
+    async def test_high_water_evicts_before_map_fills(self):
+        self.start(2 << 20)
+        calls = []
+        committed = []
+        self.environment.set_space_reclaimer(
+            self.deleting_reclaimer(calls, committed, before_full_map=True)
+        )
+
+        for number in range(12):
+            await self.environment.write(self.put_operation(b"%02d" % number, b"v" * 400_000))
+        await self.environment.write(lambda txn: None)
+
+        self.assertGreater(len(calls), 0)
+        self.assertEqual([call for call in calls if call[2] is None], [], "the map filled")
+        self.assertEqual(committed, [threading.main_thread()] * len(calls))
+        self.assertEqual(await self.get(b"11"), b"v" * 400_000)
+        self.assertIsNone(await self.get(b"00"))
+        marks = self.environment._marks
+        usage = await self.environment.read(self.environment._count_pages)
+        self.assertLessEqual(usage.needed_pages, marks.high_pages)
+
+    async def test_no_eviction_below_high_water(self):
+        self.start(64 << 20)
+        calls = []
+        self.environment.set_space_reclaimer(
+            self.deleting_reclaimer(calls, [], before_full_map=True)
+        )
+
+        for number in range(20):
+            await self.environment.write(self.put_operation(b"%02d" % number, b"v" * 100_000))
+        await self.environment.write(lambda txn: None)
+
+        self.assertEqual(calls, [])
+        self.assertEqual(await self.get(b"00"), b"v" * 100_000)
 
     async def test_reclaimer_freeing_nothing(self):
         self.start(1 << 20)
         calls = []
 
-        def reclaim(txn, target_bytes):
+        def reclaim(txn, target_bytes, reason, is_enough):
             calls.append(target_bytes)
             return 0, None
 
