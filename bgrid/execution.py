@@ -19,6 +19,7 @@ from bgrid.errors import (
     MissingBlobsError,
     NotFoundError,
 )
+from bgrid.scheduler import StoredResult
 from bgrid.storage.completeness import IncompleteResultError, find_missing_outputs
 
 
@@ -30,6 +31,20 @@ def parse_message(message_class, data, digest, what):
     except DecodeError as error:
         raise InvalidArgumentError(f"{what} {digest} is not a valid {message_class.__name__}: {error}")
     return message
+
+
+def _parse_blob(message_class, digest, data, what):
+    """Parse a ``get_many`` entry as ``message_class``.
+
+    An absent or corrupt blob raises ``MissingBlobsError``, because the store drops a
+    corrupt blob and the client has to upload it again. A blob that does not parse raises
+    ``InvalidArgumentError``.
+    """
+    if isinstance(data, (BlobNotFoundError, CorruptBlobError)):
+        raise MissingBlobsError([digest], what=what)
+    if isinstance(data, Exception):
+        raise data
+    return parse_message(message_class, data, digest, what)
 
 
 class ExecutionController:
@@ -54,9 +69,17 @@ class ExecutionController:
         )
 
     async def _execute(self, instance_name, action_digest, skip_cache_lookup, priority):
+        # The Action is read while the action cache is consulted, so a miss costs no extra
+        # round trip to the storage threads. A hit leaves the read unused.
+        reading_action = self.blob_store.get_many([action_digest])
         if not skip_cache_lookup:
-            cached = await self._lookup_cached_result(instance_name, action_digest)
+            try:
+                cached = await self._lookup_cached_result(instance_name, action_digest)
+            except BaseException:
+                reading_action.addErrback(lambda _failure: None)
+                raise
             if cached is not None:
+                reading_action.addErrback(lambda _failure: None)
                 response = re_pb2.ExecuteResponse(result=cached, cached_result=True)
                 name = self.scheduler.add_completed_operation(instance_name, action_digest, response)
                 self.log.debug(
@@ -66,19 +89,24 @@ class ExecutionController:
                 )
                 return name
 
-        action = await self._fetch_message(re_pb2.Action, action_digest, "action")
+        [action_data] = await reading_action
+        action = _parse_blob(re_pb2.Action, action_digest, action_data, "action")
         command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
         input_root_digest = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
 
-        # Report the command and every input blob that is missing together, so the client
-        # can upload them all in one round.
+        # The command and the input root are read together, and the command and every input
+        # blob that is missing are reported together, so the client can upload them all in
+        # one round.
+        command_data, root_data = await self.blob_store.get_many([command_digest, input_root_digest])
         missing = []
         command = None
         try:
-            command = await self._fetch_message(re_pb2.Command, command_digest, "command")
+            command = _parse_blob(re_pb2.Command, command_digest, command_data, "command")
         except MissingBlobsError as error:
             missing.extend(error.digests)
-        input_digests, missing_directories = await self.collect_input_tree(input_root_digest)
+        input_digests, missing_directories = await self.collect_input_tree(
+            input_root_digest, root_data
+        )
         if missing or missing_directories:
             missing.extend(missing_directories)
             missing.extend(await self.blob_store.find_missing(input_digests))
@@ -102,11 +130,6 @@ class ExecutionController:
             do_not_cache=action.do_not_cache,
             platform=[(prop.name, prop.value) for prop in platform],
         )
-        self.log.info(
-            "action {action_digest} queued as {operation}",
-            action_digest=str(action_digest),
-            operation=name,
-        )
         self._unpin_when_done(name, pin)
         return name
 
@@ -117,19 +140,8 @@ class ExecutionController:
         pinned; a bot that finds one evicted reports FAILED_PRECONDITION and the client
         uploads it again.
         """
-        watch = self.scheduler.watch_operation(operation_name)
-
-        def release(_=None):
-            watch.close()
-            self.blob_store.unpin(pin)
-
-        def check(operation):
-            if operation is None or operation.done:
-                release()
-            else:
-                watch.next().addCallbacks(check, release)
-
-        watch.next().addCallbacks(check, release)
+        done = self.scheduler.when_done(operation_name)
+        done.addBoth(lambda _: self.blob_store.unpin(pin))
 
     async def _lookup_cached_result(self, instance_name, action_digest):
         try:
@@ -137,23 +149,16 @@ class ExecutionController:
         except NotFoundError:
             return None
 
-    async def _fetch_message(self, message_class, digest, what):
-        try:
-            data = await self.blob_store.get(digest)
-        except (BlobNotFoundError, CorruptBlobError):
-            # The store drops a corrupt blob, so the client has to upload it again, as for
-            # a corrupt input directory in collect_input_tree.
-            raise MissingBlobsError([digest], what=what) from None
-        return parse_message(message_class, data, digest, what)
-
-    async def collect_input_tree(self, root_digest):
+    async def collect_input_tree(self, root_digest, root_data=None):
         """Return the digests of every directory and file below ``root_digest``.
 
         Walks the tree breadth first, one batch read per level, and returns
         ``(digests, missing_directories)``: the digests of all directories read and all
         files they list, and the directories that could not be read. Whether the files are
-        present is left to the caller. Raises ``InvalidArgumentError`` when a directory
-        does not parse or lists an invalid digest.
+        present is left to the caller. ``root_data`` is the root's ``get_many`` entry when
+        the caller has read it already: its bytes or the exception. Raises
+        ``InvalidArgumentError`` when a directory does not parse or lists an invalid
+        digest.
         """
         digests = []
         missing = []
@@ -161,7 +166,10 @@ class ExecutionController:
         level = [root_digest]
         seen = {root_digest}
         while level:
-            blobs = await self.blob_store.get_many(level)
+            if root_data is not None:
+                blobs, root_data = [root_data], None
+            else:
+                blobs = await self.blob_store.get_many(level)
             next_level = []
             for digest, data in zip(level, blobs):
                 if isinstance(data, Exception):
@@ -187,7 +195,9 @@ class ExecutionController:
         Only a successful execution (status OK and exit code 0) of an action without
         ``do_not_cache`` is cached, and only when every blob it refers to, files inside
         output Trees included, is in the CAS.
-        Returns a Deferred firing with None, since the response goes to clients unchanged.
+        Returns a Deferred firing with None when the result is not cached, or with a
+        ``StoredResult`` once the action cache write is queued. The response goes to
+        clients unchanged, and a failed write is logged.
         """
         return defer.Deferred.fromCoroutine(
             self._handle_result(instance_name, action_digest, action, do_not_cache, response)
@@ -213,6 +223,14 @@ class ExecutionController:
             )
             return None
 
-        await self.action_cache.put(instance_name, action_digest, response.result)
-        return None
+        writing = self.action_cache.put(instance_name, action_digest, response.result)
+        writing.addErrback(self._log_cache_write_failure, action_digest)
+        return StoredResult(None, writing)
 
+    def _log_cache_write_failure(self, failure, action_digest):
+        self.log.failure(
+            "Failed to write the result of action {action_digest} to the action cache, so "
+            "its operations complete with a result that is not cached",
+            failure,
+            action_digest=str(action_digest),
+        )

@@ -8,9 +8,9 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, worker_pb2
 from bgrid.bridge import as_deferred, as_future
 from bgrid.digest import EMPTY_DIGEST, Digest
-from bgrid.errors import InvalidArgumentError, MissingBlobsError
+from bgrid.errors import InvalidArgumentError, MissingBlobsError, ResourceExhaustedError
 from bgrid.execution import ExecutionController
-from bgrid.scheduler import Scheduler
+from bgrid.scheduler import Scheduler, StoredResult
 from bgrid.storage import cas_layout
 from bgrid.storage.factory import build_storage
 from tests.servicers.support import (
@@ -205,12 +205,15 @@ class HandleResultTests(ControllerTestCase):
         """Pass ``result`` through handle_result; return whether it was stored in the cache."""
         action_digest, action = await self.store_action(action_do_not_cache)
         response = re_pb2.ExecuteResponse(result=result, status=status_pb2.Status(code=status_code))
-        replacement = await as_future(
+        outcome = await as_future(
             self.controller.handle_result("main", action_digest, action, do_not_cache, response)
         )
-        self.assertIsNone(replacement)
         if ("main", action_digest) not in self.action_cache.stored_keys:
+            self.assertIsNone(outcome)
             return False
+        self.assertIsInstance(outcome, StoredResult)
+        self.assertIsNone(outcome.response)
+        await as_future(outcome.written)
         cached = await as_future(self.action_cache.get("main", action_digest))
         self.assertEqual(cached, result)
         return True
@@ -274,6 +277,27 @@ class HandleResultTests(ControllerTestCase):
         )
 
 
+    @async_test
+    async def test_failed_cache_write_logged(self):
+        action_digest, action = await self.store_action()
+        self.controller.action_cache = FailingActionCache()
+        response = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=0))
+
+        outcome = await as_future(
+            self.controller.handle_result("main", action_digest, action, False, response)
+        )
+
+        self.assertIsNone(await as_future(outcome.written))
+        self.assertEqual(len(self.flushLoggedErrors(ResourceExhaustedError)), 1)
+
+
+class FailingActionCache:
+    """An action cache whose writes fail as on a full disk."""
+
+    def put(self, instance_name, action_digest, action_result):
+        return defer.fail(ResourceExhaustedError("storage is full (test)"))
+
+
 class ExecuteTests(ControllerTestCase):
     async def store_action(self, action_platform=(), command_platform=()):
         command = re_pb2.Command(arguments=["true"])
@@ -297,6 +321,17 @@ class ExecuteTests(ControllerTestCase):
         return self.scheduler.create_bot_session(
             "main", bots_pb2.BotSession(bot_id=bot_id, status=bots_pb2.OK, worker=worker)
         )
+
+    @async_test
+    async def test_inputs_pinned_until_done(self):
+        action_digest = await self.store_action()
+        name = await as_future(self.controller.execute("main", action_digest))
+        # The Action and the Command; the empty input root is never pinned.
+        self.assertEqual(self.store.pinned_blobs, 2)
+
+        self.scheduler.cancel_operation(name)
+
+        self.assertEqual(self.store.pinned_blobs, 0)
 
     @async_test
     async def test_command_platform_used_without_action_platform(self):

@@ -4,7 +4,7 @@
 """
 
 from bgrid.scheduler.lease import LeaseTransitionError
-from bgrid.scheduler.scheduler import Scheduler
+from bgrid.scheduler.scheduler import Scheduler, StoredResult
 from bgrid.scheduler.watch import OperationWatch
 
-__all__ = ["LeaseTransitionError", "OperationWatch", "Scheduler"]
+__all__ = ["LeaseTransitionError", "OperationWatch", "Scheduler", "StoredResult"]

@@ -135,23 +135,19 @@ def decode_job(value):
 # Operations
 
 
-def encode_operation(operation, job=None):
-    """Return the stored form of an ``Operation``.
-
-    When the operation's response is the final response of ``job``, the operation's job,
-    the record refers to the job's copy instead of storing the response again.
-    """
-    shares_response = (
-        job is not None and operation.response is not None and operation.response is job.response
-    )
+def encode_operation(operation):
+    """Return the stored form of an ``Operation``, with its response if it is done."""
+    response_text = None
+    if operation.response_data is not None:
+        response_text = base64.b64encode(operation.response_data).decode("ascii")
     return _dump({
         "name": operation.name,
         "instance_name": operation.instance_name,
         "action_digest": _digest_text(operation.action_digest),
         "sequence": operation.sequence,
         "job_id": operation.job_id,
-        "response": None if shares_response else _message_text(operation.response),
-        "response_in_job": shares_response,
+        "response": response_text,
+        "response_in_job": False,
         "completed_time": operation.completed_time,
     })
 
@@ -160,7 +156,8 @@ def decode_operation(value, jobs):
     """Return the ``Operation`` of a stored operation record.
 
     ``jobs`` maps job ids to the decoded jobs, which give the stage of an operation that is
-    not done and the response of one whose record refers to its job's response. Raises
+    not done. Records written before done jobs were deleted at once may refer to their
+    job's response (``response_in_job``), which the job's record then holds. Raises
     RecordFormatError when the record is invalid or refers to a job response that is
     missing.
     """
@@ -179,10 +176,13 @@ def decode_operation(value, jobs):
                     f"operation {operation.name} refers to the response of job "
                     f"{fields['job_id']}, which has none or is missing"
                 )
-            operation.response = job.response
-        else:
-            operation.response = _message(re_pb2.ExecuteResponse, fields["response"])
-        if operation.response is not None:
+            operation.response_data = job.response.SerializeToString()
+        elif fields["response"] is not None:
+            response_data = base64.b64decode(fields["response"], validate=True)
+            # Parsed only to reject a record that does not hold an ExecuteResponse.
+            re_pb2.ExecuteResponse.FromString(response_data)
+            operation.response_data = response_data
+        if operation.response_data is not None:
             operation.stage = COMPLETED
             operation.completed_time = float(fields["completed_time"])
         elif job is not None:

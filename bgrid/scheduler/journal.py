@@ -8,7 +8,9 @@ memory is deleted from the store.
 
 ``durable()`` implements the acknowledgement rule: a message to a client or a bot that
 shows the scheduler's state may be sent only after a ``durable()`` Deferred requested
-after the message was built has fired.
+after the message was built has fired. A batch may also wait for writes of other stores
+(``include``), such as the action cache entry of a result that completes a job, and the
+waiters of batches fire in the order the batches were written.
 """
 
 import collections
@@ -25,11 +27,14 @@ MAX_RETRY_DELAY = 60.0
 
 
 class _Batch:
-    """The changes of one store transaction and the Deferreds that wait for its commit."""
+    """The changes of one store transaction, the other writes it includes, and the
+    Deferreds that wait for all of them."""
 
-    def __init__(self, keys, waiters):
+    def __init__(self, keys, waiters, included):
         self.keys = keys
         self.waiters = waiters
+        self.included = included
+        self.ready = False
 
 
 def _fire(waiters, result):
@@ -60,6 +65,8 @@ class Journal:
         self._changed = {}
         # Deferreds waiting for the batch that will contain the changes in _changed.
         self._waiters = []
+        # Deferreds of other writes that the next batch includes (see include).
+        self._included = []
         self._in_flight = collections.deque()
         self._write_call = None
         self._retry_delay = FIRST_RETRY_DELAY
@@ -71,6 +78,19 @@ class Journal:
         self._changed[(kind, name)] = None
         self._schedule_write(0)
 
+    def include(self, written):
+        """Make the next batch wait for ``written``, the Deferred of another store's write.
+
+        The waiters of the batch fire only once its own commit has succeeded and
+        ``written`` has fired. A failure of ``written`` does not fail them, so its owner
+        must handle and log it before calling this. Queue the write before reporting the
+        changes that depend on it: the environment commits writes in the order they were
+        queued, so those changes are then committed in the same transaction as the write
+        or in a later one.
+        """
+        self._included.append(written)
+        self._schedule_write(0)
+
     def durable(self):
         """Return a Deferred firing with None once every change reported so far is committed.
 
@@ -79,12 +99,12 @@ class Journal:
         that. After ``stop`` it fails with UnavailableError while changes are unwritten.
         Cancelling the Deferred stops only this wait.
         """
-        if self._changed and self._stopped:
+        if (self._changed or self._included) and self._stopped:
             return defer.fail(UnavailableError(
                 "the scheduler is stopping, so its latest changes are not stored. Retry "
                 "once the server is back"
             ))
-        if self._changed:
+        if self._changed or self._included:
             waiter = defer.Deferred()
             self._waiters.append(waiter)
             return waiter
@@ -100,7 +120,7 @@ class Journal:
         Returns ``durable()``.
         """
         self._cancel_write_call()
-        if self._changed:
+        if self._changed or self._included:
             self._write_batch()
         return self.durable()
 
@@ -126,14 +146,15 @@ class Journal:
 
     def _write_scheduled(self):
         self._write_call = None
-        if self._changed:
+        if self._changed or self._included:
             self._write_batch()
 
     def _write_batch(self):
         keys = list(self._changed)
         self._changed = {}
-        batch = _Batch(keys, self._waiters)
+        batch = _Batch(keys, self._waiters, self._included)
         self._waiters = []
+        self._included = []
         self._in_flight.append(batch)
         # maybeDeferred turns an encoding error into a failed commit, handled like any other.
         committing = defer.maybeDeferred(self._commit, keys)
@@ -146,7 +167,6 @@ class Journal:
         return self._store.commit(changes)
 
     def _committed(self, _, batch):
-        self._in_flight.remove(batch)
         if self._failures:
             self.log.info(
                 "Committed scheduler records again after {failures} failed commits",
@@ -154,7 +174,21 @@ class Journal:
             )
         self._failures = 0
         self._retry_delay = FIRST_RETRY_DELAY
-        _fire(batch.waiters, None)
+        if not batch.included:
+            self._release(batch)
+            return
+        included = defer.DeferredList(batch.included, consumeErrors=True)
+        included.addCallback(lambda _: self._release(batch))
+
+    def _release(self, batch):
+        """Mark a batch as committed and fire the waiters of the leading committed batches.
+
+        Waiters fire in batch order, because a later batch's waiters were promised the
+        changes of the earlier ones too.
+        """
+        batch.ready = True
+        while self._in_flight and self._in_flight[0].ready:
+            _fire(self._in_flight.popleft().waiters, None)
 
     def _commit_failed(self, failure, batch):
         """Put the batch's records back among the changed ones and schedule a retry.
@@ -167,6 +201,7 @@ class Journal:
         self._in_flight.remove(batch)
         for key in batch.keys:
             self._changed.setdefault(key, None)
+        self._included.extend(batch.included)
         self._failures += 1
         delay = self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_DELAY)
@@ -183,21 +218,36 @@ class Journal:
             _fire(waiters, failure.value)
         self._cancel_write_call()
         self._schedule_write(delay)
+        # The failed batch no longer holds back the waiters of committed later ones.
+        if self._in_flight and self._in_flight[0].ready:
+            self._release(self._in_flight[0])
 
 
 class NullJournal:
-    """The journal of a scheduler without a store: nothing is written, all is durable."""
+    """The journal of a scheduler without a store: nothing is written, and a change is
+    durable once the writes of other stores that it includes have fired."""
+
+    def __init__(self):
+        self._included = []
 
     def changed(self, kind, name):
         """Do nothing."""
 
+    def include(self, written):
+        """Make ``durable()`` wait for ``written``, as ``Journal.include`` does."""
+        self._included.append(written)
+
     def durable(self):
-        """Return a Deferred that has fired with None."""
-        return defer.succeed(None)
+        """Return a Deferred firing with None once every included write has fired."""
+        self._included = [written for written in self._included if not written.called]
+        if not self._included:
+            return defer.succeed(None)
+        included = defer.DeferredList(self._included, consumeErrors=True)
+        return included.addCallback(lambda _: None)
 
     def flush(self):
-        """Return a Deferred that has fired with None."""
-        return defer.succeed(None)
+        """Return ``durable()``."""
+        return self.durable()
 
     def stop(self):
         """Return a Deferred that has fired with None."""

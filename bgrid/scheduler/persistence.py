@@ -68,9 +68,7 @@ class PersistenceMixin:
             return encode_job(job) if job is not None else None
         if kind == OPERATIONS:
             operation = self._operations.get(name)
-            if operation is None:
-                return None
-            return encode_operation(operation, self._jobs.get(operation.job_id))
+            return encode_operation(operation) if operation is not None else None
         if kind == BOT_SESSIONS:
             session = self._sessions.get(name)
             return encode_session(session) if session is not None else None
@@ -235,7 +233,11 @@ class PersistenceMixin:
         """Queue the jobs without a lease, and rerun the result handler for reported results."""
         for job in list(self._jobs.values()):
             if job.done:
-                self._delete_job_if_unused(job)
+                # Stored before done jobs were deleted at once: their operations may refer
+                # to the job's response, so they are written again with it inline.
+                for name in job.operation_names:
+                    self._journal.changed(OPERATIONS, name)
+                self._forget_done_job(job)
                 continue
             if not job.do_not_cache:
                 self._unfinished_jobs[job.dedup_key] = job.job_id

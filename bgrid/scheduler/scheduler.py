@@ -11,6 +11,7 @@ running process.
 """
 
 import uuid
+from typing import NamedTuple
 
 from google.rpc import code_pb2
 from twisted.internet import defer
@@ -50,14 +51,28 @@ from bgrid.scheduler.waiting import OpenSessions
 from bgrid.scheduler.watch import WatchRegistry
 
 
+class StoredResult(NamedTuple):
+    """The outcome of a result handler that has queued a write of the result.
+
+    ``response`` replaces the bot's ``ExecuteResponse``, or is None to keep it. ``written``
+    is the Deferred of the write, queued in the scheduler store's environment, and the
+    handler logs its failure itself. The job completes at once, and its completion is
+    committed in the same transaction as the write or in a later one. No message shows
+    the completion before ``written`` has fired, whether the write succeeded or failed.
+    """
+
+    response: object
+    written: object
+
+
 class Scheduler(PersistenceMixin, BotApiMixin):
     """Queues actions, leases them to bots and reports their progress as operations.
 
     ``clock`` is an ``IReactorTime``, and all durations are in seconds of it.
     ``result_handler(instance_name, action_digest, action, do_not_cache, execute_response)``
     is called with each result a bot reports and returns a Deferred. It may fire with a
-    replacement ``ExecuteResponse``, or with None to keep the original. The job's operations
-    complete only after it fires.
+    replacement ``ExecuteResponse``, with None to keep the original, or with a
+    ``StoredResult``. The job's operations complete only after it fires.
     A bot session with no UpdateBotSession call in progress and none received for
     ``bot_keepalive_timeout`` is closed and its job requeued. A long poll lasts at most
     ``max_long_poll``. A job whose lease is lost more than ``max_job_retries`` times
@@ -251,6 +266,15 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         """
         return self._watches.add(self._get_operation(name))
 
+    def when_done(self, name):
+        """Return a Deferred firing with None once the operation is done, or the scheduler stops.
+
+        Unlike a watch, it does not wait until the completion is durable, so it suits
+        state that a restart drops anyway, such as the pins of the operation's inputs.
+        Raises NotFoundError when no operation has this name.
+        """
+        return self._watches.when_done(self._get_operation(name))
+
     def cancel_operation(self, name):
         """Complete an operation with status CANCELLED, unless it is done already.
 
@@ -297,7 +321,11 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         return [self._operations[name].to_message() for name in names], next_token
 
     def stats(self):
-        """Return counts of the scheduler's records, for metrics and status pages."""
+        """Return counts of the scheduler's records, for metrics and status pages.
+
+        ``jobs`` counts the unfinished jobs, because a job is forgotten once it is done and
+        its operations keep its response.
+        """
         return {
             "jobs": len(self._jobs),
             "queued_jobs": len(self._queue),
@@ -400,8 +428,14 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         self._journal.changed(OPERATIONS, operation.name)
         self._operation_index.add(operation.instance_name, operation.sequence, operation.name)
 
-    def _complete_operation(self, operation, response):
-        operation.response = response
+    def _complete_operation(self, operation, response, response_data=None):
+        """Complete an operation with ``response``, an ExecuteResponse.
+
+        ``response_data`` is its serialization, when the caller has it already.
+        """
+        if response_data is None:
+            response_data = response.SerializeToString()
+        operation.response_data = response_data
         operation.stage = COMPLETED
         operation.waiting_reason = None
         operation.completed_time = self._clock.seconds()
@@ -424,10 +458,14 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         job = self._jobs.get(operation.job_id)
         if job is not None:
             job.operation_names.remove(name)
-            self._delete_job_if_unused(job)
 
-    def _delete_job_if_unused(self, job):
-        if job.done and not job.operation_names:
+    def _forget_done_job(self, job):
+        """Delete a done job. Its operations are done and keep their responses.
+
+        Done operations stay for the retention period, so keeping their job, its Action
+        and a second copy of the response would cost memory for as long.
+        """
+        if job.done:
             del self._jobs[job.job_id]
             self._journal.changed(JOBS, job.job_id)
 
@@ -505,8 +543,19 @@ class Scheduler(PersistenceMixin, BotApiMixin):
             self._complete_job(job.job_id, response)
             return
 
-        def handled(replacement):
+        def handled(outcome):
+            if not isinstance(outcome, StoredResult):
+                self._complete_job(job.job_id, response if outcome is None else outcome)
+                return
+            # The handler's write is queued, so the completion joins it in one store
+            # transaction, or follows it, instead of waiting a whole commit for it.
+            # NOTE: an identical action submitted from now until the write commits finds
+            # neither this job nor the cached result, so it runs again.
+            self._journal.include(outcome.written)
+            replacement = outcome.response
             self._complete_job(job.job_id, response if replacement is None else replacement)
+            # The journal logs a failed commit itself.
+            self._journal.flush().addErrback(lambda _failure: None)
 
         def handler_failed(failure):
             self.log.failure(
@@ -550,11 +599,12 @@ class Scheduler(PersistenceMixin, BotApiMixin):
             code=code_name(response.status.code),
             operation_names=self._waiting_operations(job),
         )
+        response_data = response.SerializeToString()
         for name in list(job.operation_names):
             operation = self._operations[name]
             if not operation.done:
-                self._complete_operation(operation, response)
-        self._delete_job_if_unused(job)
+                self._complete_operation(operation, response, response_data)
+        self._forget_done_job(job)
 
     def _cancel_job(self, job):
         """Stop a job that no operation is waiting for any more."""
@@ -577,6 +627,6 @@ class Scheduler(PersistenceMixin, BotApiMixin):
             code_pb2.CANCELLED, f"job {job.job_id} was cancelled by all of its operations"
         )
         self._journal.changed(JOBS, job.job_id)
-        self._delete_job_if_unused(job)
+        self._forget_done_job(job)
         if lease is not None:
             self._send_cancellation(lease)

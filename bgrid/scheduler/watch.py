@@ -8,9 +8,11 @@ class OperationWatch:
 
     Call ``next`` in a loop: the first call fires at once with the current Operation
     message, and each later call fires when the stage changes or the operation completes.
-    Changes that happen between two calls are merged, so the watcher always gets the latest
-    state but may skip a stage it was too slow to see. A message is delivered only once the
-    state it shows is durable. Once the done operation was sent, ``next`` fires with None.
+    Changes that happen between two calls, or while the state to be sent is committed, are
+    merged. So the watcher always gets the latest state, but it may skip a stage that it
+    was too slow to see or that lasted less than a commit. A message is delivered only
+    once the state it shows is durable. Once the done operation was sent, ``next`` fires with
+    None.
     The messages are shared between watchers and must not be modified.
     """
 
@@ -58,7 +60,18 @@ class OperationWatch:
     def _when_durable(self, message):
         if message is None:
             return None
-        return self._registry.durable().addCallback(lambda _: message)
+        return self._registry.durable().addCallback(self._send_latest_durable, message)
+
+    def _send_latest_durable(self, _, message):
+        """Return ``message``, whose state is durable now, or a newer one once it is.
+
+        A state published while the previous one was being committed replaces it, so a
+        stage that lasted less than a commit is not sent.
+        """
+        if self._latest_key == self._sent_key or self._closed:
+            return message
+        newer = self._take_latest()
+        return self._registry.durable().addCallback(self._send_latest_durable, newer)
 
     def _take_latest(self):
         self._sent_key = self._latest_key
@@ -95,6 +108,8 @@ class WatchRegistry:
 
     def __init__(self, durable=None):
         self._watches = {}
+        # Operation name -> Deferreds of when_done calls.
+        self._done_waiters = {}
         self.durable = durable if durable is not None else (lambda: defer.succeed(None))
 
     def add(self, operation):
@@ -106,6 +121,27 @@ class WatchRegistry:
         if not operation.done:
             self._watches.setdefault(operation.name, set()).add(watch)
         return watch
+
+    def when_done(self, operation):
+        """Return a Deferred firing with None once the operation record is done.
+
+        It does not wait until the completion is durable. It fires at once for a done
+        operation, and with None as well when ``fail_all`` ends the watches.
+        """
+        if operation.done:
+            return defer.succeed(None)
+        name = operation.name
+
+        def forget(deferred):
+            waiters = self._done_waiters.get(name, [])
+            if deferred in waiters:
+                waiters.remove(deferred)
+                if not waiters:
+                    del self._done_waiters[name]
+
+        waiter = defer.Deferred(canceller=forget)
+        self._done_waiters.setdefault(name, []).append(waiter)
+        return waiter
 
     def discard(self, watch):
         watches = self._watches.get(watch.operation_name)
@@ -121,6 +157,8 @@ class WatchRegistry:
         """
         if operation.done:
             watches = self._watches.pop(operation.name, set())
+            for waiter in self._done_waiters.pop(operation.name, ()):
+                waiter.callback(None)
         else:
             watches = set(self._watches.get(operation.name, ()))
         if not watches:
@@ -131,8 +169,12 @@ class WatchRegistry:
             watch._update(message, key)
 
     def fail_all(self, error):
-        """End every open watch with ``error``."""
+        """End every open watch with ``error``, and fire every ``when_done`` Deferred."""
         for watches in list(self._watches.values()):
             for watch in list(watches):
                 watch._fail(error)
         self._watches.clear()
+        done_waiters, self._done_waiters = self._done_waiters, {}
+        for waiters in done_waiters.values():
+            for waiter in waiters:
+                waiter.callback(None)

@@ -12,8 +12,10 @@ from bgrid.errors import (
     NotFoundError,
     UnavailableError,
 )
+from bgrid.scheduler import StoredResult
 from tests.scheduler.helpers import (
     BotClient,
+    RestartableScheduler,
     make_action,
     make_result,
     make_scheduler,
@@ -86,13 +88,13 @@ class DeduplicationTests(unittest.TestCase):
         scheduler, _ = make_scheduler(self)
         first = submit(scheduler, "a")
         second = submit(scheduler, "a")
+        self.assertEqual(scheduler.stats()["jobs"], 1)
         bot = BotClient(scheduler, "bot-1")
 
         self.successResultOf(bot.accept())
         self.successResultOf(bot.complete(make_result(stdout=b"shared")))
 
         self.assertNotEqual(first, second)
-        self.assertEqual(scheduler.stats()["jobs"], 1)
         first_response = operation_response(scheduler.get_operation(first))
         second_response = operation_response(scheduler.get_operation(second))
         self.assertEqual(first_response.result.stdout_raw, b"shared")
@@ -167,6 +169,26 @@ class WatchTests(unittest.TestCase):
         self.assertEqual(operation_response(completed).result.exit_code, 3)
 
         self.assertIsNone(self.successResultOf(watch.next()))
+
+    async def test_change_during_commit_replaces_stage(self):
+        restartable = RestartableScheduler(self)
+        scheduler = await restartable.start()
+        name = submit(scheduler, "a")
+        watch = scheduler.watch_operation(name)
+        await restartable.settle(watch.next())
+        bot = BotClient(scheduler, "bot-1")
+        await restartable.settle()
+        waiting = watch.next()
+
+        # EXECUTING waits for its commit, and the result arrives before it is written.
+        bot.accept()
+        self.assertNoResult(waiting)
+        bot.complete(make_result(exit_code=3))
+
+        completed = await restartable.settle(waiting)
+        self.assertTrue(completed.done)
+        self.assertEqual(operation_response(completed).result.exit_code, 3)
+        self.assertIsNone(await watch.next())
 
     def test_changes_between_calls_merged(self):
         scheduler, _ = make_scheduler(self)
@@ -321,12 +343,56 @@ class ResultHandlerTests(unittest.TestCase):
         self.successResultOf(bot.complete(make_result()))
 
         scheduler.cancel_operation(name)
+        self.assertEqual(scheduler.stats()["jobs"], 1)
         pending.callback(None)
 
         self.assertEqual(len(handled), 1)
         response = operation_response(scheduler.get_operation(name))
         self.assertEqual(response.status.code, code_pb2.CANCELLED)
-        self.assertEqual(scheduler.stats()["jobs"], 1)
+        self.assertEqual(scheduler.stats()["jobs"], 0)
+
+    def test_stored_result_completes_at_once(self):
+        written = defer.Deferred()
+
+        def handler(instance_name, action_digest, action, do_not_cache, response):
+            return defer.succeed(StoredResult(None, written))
+
+        scheduler, _ = make_scheduler(self, result_handler=handler)
+        name = submit(scheduler, "a")
+        watch = scheduler.watch_operation(name)
+        self.successResultOf(watch.next())
+        bot = BotClient(scheduler, "bot-1")
+        report = bot.complete(make_result(stdout=b"stored"))
+
+        self.assertTrue(scheduler.get_operation(name).done)
+        self.assertEqual(scheduler.stats()["jobs"], 0)
+        done = watch.next()
+        self.assertNoResult(done)
+        self.assertNoResult(report)
+
+        written.callback(None)
+
+        response = operation_response(self.successResultOf(done))
+        self.assertEqual(response.result.stdout_raw, b"stored")
+        self.successResultOf(report)
+
+    def test_failed_stored_result_write_still_completes(self):
+        written = defer.Deferred()
+
+        def handler(instance_name, action_digest, action, do_not_cache, response):
+            return defer.succeed(StoredResult(None, written))
+
+        scheduler, _ = make_scheduler(self, result_handler=handler)
+        name = submit(scheduler, "a")
+        bot = BotClient(scheduler, "bot-1")
+        self.successResultOf(bot.accept())
+        report = bot.complete(make_result(stdout=b"kept"))
+
+        written.errback(RuntimeError("action cache unavailable"))
+
+        self.successResultOf(report)
+        done = self.successResultOf(scheduler.watch_operation(name).next())
+        self.assertEqual(operation_response(done).result.stdout_raw, b"kept")
 
     def test_handler_gets_do_not_cache(self):
         flags = []
@@ -341,6 +407,44 @@ class ResultHandlerTests(unittest.TestCase):
         self.successResultOf(bot.complete(make_result()))
 
         self.assertEqual(flags, [True])
+
+
+class WhenDoneTests(unittest.TestCase):
+    async def test_fires_before_completion_is_durable(self):
+        restartable = RestartableScheduler(self)
+        scheduler = await restartable.start()
+        name = submit(scheduler, "a")
+        done = scheduler.when_done(name)
+        watch = scheduler.watch_operation(name)
+        await restartable.settle(watch.next())
+        waiting = watch.next()
+        self.assertNoResult(done)
+
+        scheduler.cancel_operation(name)
+
+        self.assertIsNone(self.successResultOf(done))
+        self.assertNoResult(waiting)
+        await restartable.settle(waiting)
+
+    def test_done_operation_fires_at_once(self):
+        scheduler, _ = make_scheduler(self)
+        name = submit(scheduler, "a")
+        scheduler.cancel_operation(name)
+
+        self.assertIsNone(self.successResultOf(scheduler.when_done(name)))
+
+    def test_fires_when_scheduler_stops(self):
+        scheduler, _ = make_scheduler(self)
+        done = scheduler.when_done(submit(scheduler, "a"))
+
+        scheduler.stop()
+
+        self.assertIsNone(self.successResultOf(done))
+
+    def test_unknown_operation_not_found(self):
+        scheduler, _ = make_scheduler(self)
+
+        self.assertRaises(NotFoundError, scheduler.when_done, "operations/nope")
 
 
 class CancelTests(unittest.TestCase):
@@ -540,11 +644,11 @@ class RetentionTests(unittest.TestCase):
 
         clock.advance(599)
         self.assertTrue(scheduler.get_operation(name).done)
-        self.assertEqual(scheduler.stats()["jobs"], 1)
+        self.assertEqual(scheduler.stats()["operations"], 1)
 
         clock.advance(1)
         self.assertRaises(NotFoundError, scheduler.get_operation, name)
-        self.assertEqual(scheduler.stats()["jobs"], 0)
+        self.assertEqual(scheduler.stats()["operations"], 0)
         self.assertEqual(scheduler.list_operations(""), ([], ""))
 
     def test_running_operation_kept(self):
@@ -557,16 +661,18 @@ class RetentionTests(unittest.TestCase):
 
         self.assertFalse(scheduler.get_operation(name).done)
 
-    def test_job_kept_until_last_operation_forgotten(self):
+    def test_done_job_forgotten_operations_kept(self):
         scheduler, clock = make_scheduler(self, operation_retention=600)
         first = submit(scheduler, "a")
         second = submit(scheduler, "a")
         bot = BotClient(scheduler, "bot-1")
-        self.successResultOf(bot.complete(make_result()))
+        self.successResultOf(bot.complete(make_result(stdout=b"kept")))
 
+        self.assertEqual(scheduler.stats()["jobs"], 0)
         scheduler.delete_operation(first)
-        self.assertEqual(scheduler.stats()["jobs"], 1)
+        response = operation_response(scheduler.get_operation(second))
+        self.assertEqual(response.result.stdout_raw, b"kept")
 
         clock.advance(600)
         self.assertRaises(NotFoundError, scheduler.get_operation, second)
-        self.assertEqual(scheduler.stats()["jobs"], 0)
+        self.assertEqual(scheduler.stats()["operations"], 0)

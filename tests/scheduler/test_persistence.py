@@ -17,13 +17,15 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2
 from bgrid.errors import NotFoundError, ResourceExhaustedError
 from bgrid.scheduler import Scheduler
-from bgrid.scheduler.codec import RecordFormatError, decode_lease, encode_lease
-from bgrid.scheduler.journal import FIRST_RETRY_DELAY
+from bgrid.scheduler.codec import RecordFormatError, decode_lease, encode_job, encode_lease
+from bgrid.scheduler.job import COMPLETED, Job
+from bgrid.scheduler.journal import FIRST_RETRY_DELAY, Journal
 from bgrid.scheduler.lease import Lease
 from bgrid.scheduler.store import (
     JOBS,
     META,
     META_NAME,
+    OPERATIONS,
     ISchedulerStore,
     LmdbSchedulerStore,
 )
@@ -52,6 +54,8 @@ class WrappedStore:
     def __init__(self, store):
         self.store = store
         self.commit_sizes = []
+        # The Deferred of each commit, which fires after the journal has seen its outcome.
+        self.commits = []
         self.failing = False
 
     def load(self):
@@ -61,7 +65,9 @@ class WrappedStore:
         if self.failing:
             return defer.fail(ResourceExhaustedError("storage is full (test)"))
         self.commit_sizes.append(len(changes))
-        return self.store.commit(changes)
+        committing = self.store.commit(changes)
+        self.commits.append(committing)
+        return committing
 
 
 async def start_wrapped_scheduler(test_case, **options):
@@ -77,6 +83,23 @@ async def start_wrapped_scheduler(test_case, **options):
     await scheduler.recover()
     test_case.addCleanup(scheduler.stop)
     return scheduler, clock, store
+
+
+async def start_journal(test_case):
+    """Return a Journal over a ``WrappedStore``, its clock and the store.
+
+    Every record it writes is encoded as an empty JSON object.
+    """
+    environment = LmdbEnvironment(
+        make_temp_dir(test_case), LmdbSchedulerStore.DATABASE_NAMES, map_size=TEST_MAP_SIZE
+    )
+    environment.start()
+    test_case.addCleanup(environment.stop)
+    store = WrappedStore(LmdbSchedulerStore(environment))
+    clock = task.Clock()
+    journal = Journal(store, clock, lambda kind, name: b"{}")
+    test_case.addCleanup(journal.stop)
+    return journal, clock, store
 
 
 def label_of(action, labels):
@@ -447,6 +470,53 @@ class JournalTests(unittest.TestCase):
         self.assertEqual(len(records.jobs), 1)
         self.assertEqual(len(records.operations), 1)
 
+    async def test_included_write_holds_waiters(self):
+        journal, clock, store = await start_journal(self)
+        written = defer.Deferred()
+        journal.changed(JOBS, "a")
+        journal.include(written)
+        waiting = journal.durable()
+
+        clock.advance(0)
+        await store.commits[0]
+
+        self.assertNoResult(waiting)
+        written.callback(None)
+        self.assertIsNone(self.successResultOf(waiting))
+
+    async def test_failed_included_write_does_not_fail_waiters(self):
+        journal, clock, store = await start_journal(self)
+        written = defer.Deferred()
+        written.addErrback(lambda failure: None)
+        journal.changed(JOBS, "a")
+        journal.include(written)
+        waiting = journal.durable()
+        clock.advance(0)
+        await store.commits[0]
+
+        written.errback(RuntimeError("action cache unavailable"))
+
+        self.assertIsNone(self.successResultOf(waiting))
+
+    async def test_waiters_fire_in_batch_order(self):
+        journal, clock, store = await start_journal(self)
+        written = defer.Deferred()
+        journal.changed(JOBS, "a")
+        journal.include(written)
+        first = journal.durable()
+        clock.advance(0)
+        journal.changed(JOBS, "b")
+        second = journal.durable()
+        clock.advance(0)
+
+        await store.commits[1]
+
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        written.callback(None)
+        self.assertIsNone(self.successResultOf(first))
+        self.assertIsNone(self.successResultOf(second))
+
     async def test_store_provides_interface(self):
         restartable = RestartableScheduler(self)
         await restartable.start()
@@ -481,6 +551,38 @@ class StoredRecordTests(unittest.TestCase):
         skipped = [event for event in events if event.get("kind") == "job"]
         self.assertEqual(len(skipped), 1)
         self.assertIn("not UTF-8 JSON", str(skipped[0]["error"]))
+
+    async def test_operation_referring_to_done_job_rewritten(self):
+        # Records as bgrid wrote them while it kept done jobs: the operation refers to the
+        # response in its job's record.
+        restartable = RestartableScheduler(self)
+        await restartable.start()
+        digest, action = make_action("a")
+        job = Job(
+            "job-1", "", digest, action, priority=0, do_not_cache=False, requirements=(),
+            sequence=0, queued_time=0.0,
+        )
+        job.stage = COMPLETED
+        job.response = re_pb2.ExecuteResponse(result=make_result(stdout=b"in the job"))
+        operation = json.dumps({
+            "name": "operations/op-1", "instance_name": "", "action_digest": str(digest),
+            "sequence": 1, "job_id": "job-1", "response": None, "response_in_job": True,
+            "completed_time": 0.0,
+        }).encode()
+        await restartable.store.commit([
+            (JOBS, "job-1", encode_job(job)),
+            (OPERATIONS, "operations/op-1", operation),
+        ])
+
+        scheduler = await restartable.restart()
+        await restartable.settle()
+        self.assertEqual(scheduler.stats()["jobs"], 0)
+        scheduler = await restartable.restart()
+
+        response = operation_response(scheduler.get_operation("operations/op-1"))
+        self.assertEqual(response.result.stdout_raw, b"in the job")
+        records = await restartable.store.load()
+        self.assertEqual(records.jobs, [])
 
     def test_lease_start_time_round_trip(self):
         lease = Lease("lease-1", "job-1", "botSessions/1", bots_pb2.ACTIVE, started_time=12.5)
