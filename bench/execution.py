@@ -18,7 +18,7 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 
-CLIENT_COUNTS = (1, 32)
+CLIENT_COUNTS = (1, 16, 32)
 
 # Deadline of each UpdateBotSession call in seconds. Servers keep an idle bot's call open
 # for up to about 20 s (bgrid's default long poll), so this leaves them time to respond.
@@ -195,7 +195,7 @@ async def running_bots(address, instance_name, count, label):
 
 
 async def execute(bench):
-    """Execute new actions from 1 and from 32 clients, each with as many no-op bots."""
+    """Execute new actions from 1, 16 and 32 clients, each with as many no-op bots."""
     execution = remote_execution_pb2_grpc.ExecutionStub(bench.channel)
     records = []
     for clients in CLIENT_COUNTS:
@@ -203,30 +203,47 @@ async def execute(bench):
         async with running_bots(bench.server.address, bench.instance_name, clients, label) as bots:
 
             async def operation(caller):
-                action_digest = await bench.upload_new_action()
-                request = re_pb2.ExecuteRequest(instance_name=bench.instance_name, action_digest=action_digest)
-                start = time.perf_counter()
-                last = None
-                async for operation_message in execution.Execute(request, timeout=EXECUTE_TIMEOUT_SECONDS):
-                    last = operation_message
-                    if last.done:
-                        break
-                latency = time.perf_counter() - start
-                check_done_operation(last)
-                return Operation(latency)
+                return await execute_new_action(bench, execution)
 
-            case = f"{clients} client" if clients == 1 else f"{clients} clients"
-            record = await bench.measure("exec", case, operation, clients)
-
-        record["bots"] = clients
-        record["leases_completed"] = sum(bot.completed for bot in bots)
-        bot_errors = sum(bot.errors for bot in bots) + sum(bot.invalid_payloads for bot in bots)
-        record["bot_errors"] = bot_errors
-        first_bot_error = next((bot.first_error for bot in bots if bot.first_error), None)
-        if first_bot_error:
-            record["first_bot_error"] = first_bot_error
-        records.append(record)
+            record = await bench.measure("exec", clients_case(clients), operation, clients)
+        records.append(add_bot_figures(record, bots))
     return records
+
+
+def clients_case(clients):
+    """Return the case name of a run with ``clients`` callers: "1 client", "16 clients"."""
+    return f"{clients} client" if clients == 1 else f"{clients} clients"
+
+
+async def execute_new_action(bench, execution):
+    """Upload a new action, Execute it until its Operation is done, and return the Operation.
+
+    The latency runs from the Execute call to the done Operation. Raises CheckError when
+    the action did not succeed.
+    """
+    action_digest = await bench.upload_new_action()
+    request = re_pb2.ExecuteRequest(instance_name=bench.instance_name, action_digest=action_digest)
+    start = time.perf_counter()
+    last = None
+    async for operation_message in execution.Execute(request, timeout=EXECUTE_TIMEOUT_SECONDS):
+        last = operation_message
+        if last.done:
+            break
+    latency = time.perf_counter() - start
+    check_done_operation(last)
+    return Operation(latency)
+
+
+def add_bot_figures(record, bots):
+    """Add the no-op bots' counts (bots, leases completed, errors) to a case's record."""
+    record["bots"] = len(bots)
+    record["leases_completed"] = sum(bot.completed for bot in bots)
+    bot_errors = sum(bot.errors for bot in bots) + sum(bot.invalid_payloads for bot in bots)
+    record["bot_errors"] = bot_errors
+    first_bot_error = next((bot.first_error for bot in bots if bot.first_error), None)
+    if first_bot_error:
+        record["first_bot_error"] = first_bot_error
+    return record
 
 
 def check_done_operation(operation):

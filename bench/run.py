@@ -63,7 +63,10 @@ def build_parser():
         epilog=(
             "Example: python -m bench --preset all. A server description is "
             "name=NAME,cmd=COMMAND[,bot=COMMAND][,cleanup=COMMAND]. Commands may use {port}, "
-            "{tmp}, {repo} and {python}."
+            "{tmp}, {repo} and {python}. Two more tools measure bgrid alone: "
+            "python -m bench.scale (FindMissingBlobs and Execute with up to 10 million "
+            "blobs in the CAS and 10,000 queued jobs) and python -m bench.soak (resident "
+            "memory after rounds of Execute load); each takes --help."
         ),
     )
 

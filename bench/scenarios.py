@@ -136,9 +136,10 @@ class Bench:
             detail = failed[0].status.message if failed else f"{len(response.responses)} responses"
             raise SetupError(f"BatchUpdateBlobs of {len(requests)} setup blobs failed: {detail}")
 
-    async def upload_new_action(self):
+    async def upload_new_action(self, platform=()):
         """Store a new Command, input root and Action in one BatchUpdateBlobs, and return the Action's digest.
 
+        ``platform`` lists the ``(name, value)`` properties the Action requires of a bot.
         Raises CheckError if the server rejects a blob.
         """
         name = self.blobs.make_text("action")
@@ -150,6 +151,8 @@ class Bench:
         action = re_pb2.Action(
             command_digest=digest_of(command_bytes), input_root_digest=digest_of(input_root_bytes)
         )
+        for property_name, value in platform:
+            action.platform.properties.add(name=property_name, value=value)
         action_bytes = action.SerializeToString()
 
         blobs = [input_file, command_bytes, input_root_bytes, action_bytes]

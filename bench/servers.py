@@ -279,9 +279,14 @@ class Server:
         )
         return shlex.split(text)
 
-    async def start(self):
-        """Start the server and wait until it is ready. Raises ServerStartError if it is not."""
-        self.directory = tempfile.mkdtemp(prefix=f"bgrid-bench-{self.spec.name}-")
+    async def start(self, directory=None):
+        """Start the server and wait until it is ready. Raises ServerStartError if it is not.
+
+        ``directory`` is the ``{tmp}`` of the command, by default a new temporary directory.
+        Pass the directory of an earlier start, kept with ``keep_directory``, to start
+        again on the same data.
+        """
+        self.directory = directory or tempfile.mkdtemp(prefix=f"bgrid-bench-{self.spec.name}-")
         self.port = find_free_port()
         self.process = ManagedProcess(
             self.spec.name,

@@ -4,14 +4,10 @@ They check that the tool and the servers work together, not how fast they are.
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 from twisted.trial import unittest
 
-REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench import support
 
 # The Bazel build takes minutes and --smoke skips it, so it is left out here.
 SMOKE_SCENARIOS = ["fmb", "batch-update", "batch-read", "bs-write", "bs-read", "ac", "exec"]
@@ -28,6 +24,7 @@ EXPECTED_CASES = [
     ("ac", "update"),
     ("ac", "get hit"),
     ("exec", "1 client"),
+    ("exec", "16 clients"),
     ("exec", "32 clients"),
 ]
 
@@ -42,24 +39,10 @@ RUN_TIMEOUT_SECONDS = 110
 
 def run_smoke(preset):
     """Run the benchmark in --smoke mode on ``preset`` and return (records, stderr)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY_ROOT, env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--preset", preset,
-         "--scenario", ",".join(SMOKE_SCENARIOS)],
-        cwd=REPOSITORY_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
+    return support.run_tool(
+        "bench", "--smoke", "--preset", preset, "--scenario", ",".join(SMOKE_SCENARIOS),
         timeout=RUN_TIMEOUT_SECONDS,
     )
-    if completed.returncode != 0:
-        raise AssertionError(
-            f"python -m bench exited with status {completed.returncode}. Its stderr:\n{completed.stderr[-3000:]}"
-        )
-    records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
-    return records, completed.stderr
 
 
 class SmokeTest(unittest.TestCase):
