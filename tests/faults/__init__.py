@@ -1,0 +1,1 @@
+"""Fault-injection tests: a real daemon and real bots killed, stopped and starved on purpose."""
