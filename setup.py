@@ -14,7 +14,6 @@ setup(
         "grpcio>=1.85.1",
         "grpcio-health-checking>=1.85.1",
         "grpcio-reflection>=1.85.1",
-        "grpcio-status>=1.85.1",
         # The generated code in bgrid/_protos checks for protobuf 7.35.1 or newer within 7.x.
         "protobuf>=7.35.1,<8",
         "googleapis-common-protos>=1.63",
@@ -22,7 +21,9 @@ setup(
         "zope.interface>=6.0",
     ],
     extras_require={
-        "dev": ["grpcio-tools>=1.85.1"],
+        # grpcio-tools regenerates bgrid/_protos; grpcio-status reads the error details
+        # of responses in the tests.
+        "dev": ["grpcio-tools>=1.85.1", "grpcio-status>=1.85.1"],
     },
     entry_points={"console_scripts": ["bgrid = bgrid.cli.main:main"]},
 )
