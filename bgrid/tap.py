@@ -73,7 +73,8 @@ class Options(usage.Options):
          "Seconds a finished operation stays available to GetOperation and WaitExecution."],
         ["max-action-timeout", None, str(DEFAULTS.max_action_timeout),
          "Maximum time in seconds an action may run on a bot. An action without a "
-         "timeout, or with a longer one, runs with this timeout."],
+         "timeout runs with this timeout, and Execute rejects one that asks for a longer "
+         "timeout with INVALID_ARGUMENT."],
         ["action-timeout-grace", None, str(DEFAULTS.action_timeout_grace),
          "Seconds past an action's timeout that the server waits for its bot to report, "
          "which covers fetching inputs and uploading outputs. Then it cancels the lease "

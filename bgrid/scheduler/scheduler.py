@@ -81,8 +81,9 @@ class Scheduler(PersistenceMixin, BotApiMixin):
     on purpose, and a BOT_TERMINATING session is closed at once. Done operations are
     forgotten ``operation_retention`` after they complete.
 
-    An action runs for at most ``max_action_timeout``: an Action without a timeout, or with
-    a longer one, is leased with that timeout in its payload, so the bot enforces it. A
+    An action runs for at most ``max_action_timeout``: an Action without a timeout is leased
+    with that timeout in its payload, so the bot enforces it, and one that asks for a longer
+    timeout is rejected. A
     lease still ACTIVE ``action_timeout_grace`` after its timeout is cancelled, and its job
     completes with DEADLINE_EXCEEDED without a retry, so a hung bot cannot keep a job.
 
@@ -186,8 +187,8 @@ class Scheduler(PersistenceMixin, BotApiMixin):
         A smaller ``priority`` runs sooner. Unless ``do_not_cache`` or
         ``action.do_not_cache`` is set, the operation shares the unfinished job of an
         identical earlier submission, whose priority becomes the smaller of the two.
-        Raises InvalidArgumentError for an invalid platform property or a negative
-        ``action.timeout``.
+        Raises InvalidArgumentError for an invalid platform property or an
+        ``action.timeout`` that is negative or above ``max_action_timeout``.
         """
         requirements = normalize_properties(platform or ())
         check_action_timeout(action, self._max_action_timeout)
@@ -225,7 +226,6 @@ class Scheduler(PersistenceMixin, BotApiMixin):
                 operation_name=operation.name,
                 priority=priority,
             )
-            self._log_timeout_limit(job)
             self._dispatch_job(job)
         else:
             self.log.info(
@@ -378,17 +378,6 @@ class Scheduler(PersistenceMixin, BotApiMixin):
     def _action_timeout(self, job):
         """Return the seconds that the job's action may run for on a bot."""
         return action_timeout(job.action, self._max_action_timeout)
-
-    def _log_timeout_limit(self, job):
-        requested = job.action.timeout.ToNanoseconds() / 1e9
-        if requested > self._max_action_timeout:
-            self.log.info(
-                "Job {job_id} asks for an action timeout of {requested} s, which is above "
-                "the maximum, so it runs with {maximum} s",
-                job_id=job.job_id,
-                requested=requested,
-                maximum=self._max_action_timeout,
-            )
 
     def _take_sequence(self):
         sequence = self._next_sequence
