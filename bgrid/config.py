@@ -41,6 +41,29 @@ def parse_fraction(text):
     return fraction
 
 
+def parse_listen_address(text):
+    """Check a gRPC listen address: ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:PATH``.
+
+    PORT is 0 (any free port) to 65535. Returns the address unchanged; raises ValueError.
+    """
+    expected = "expected HOST:PORT, [IPv6]:PORT or unix:PATH"
+    if text.startswith("unix:"):
+        if len(text) == len("unix:"):
+            raise ValueError(f"invalid address {text!r}: the socket path is missing")
+        return text
+    host, separator, port = text.rpartition(":")
+    if not separator or not host:
+        raise ValueError(f"invalid address {text!r}: {expected}")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) == 2:
+            raise ValueError(f"invalid address {text!r}: {expected}")
+    elif ":" in host:
+        raise ValueError(f"invalid address {text!r}: put an IPv6 address in brackets, as [::1]:PORT")
+    if not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"invalid address {text!r}: the port must be a number from 0 to 65535")
+    return text
+
+
 def parse_seconds(text):
     """Parse a non-negative duration in seconds such as ``30`` or ``0.5``; raise ValueError."""
     try:
@@ -62,7 +85,9 @@ class ServerConfig:
     data_dir: str = "bgrid-data"
     instance_names: list = dataclasses.field(default_factory=lambda: [""])
     # Largest total of blob sizes, in bytes, in one BatchUpdateBlobs or BatchReadBlobs.
-    max_batch_size: int = 4 * 2**20
+    # 64 KiB below 4 MiB, so that a response with one blob of this size fits the 4 MiB
+    # that gRPC clients accept by default.
+    max_batch_size: int = 4 * 2**20 - 64 * 2**10
     # LMDB map size in bytes: the most the database file may grow to. It is sparse.
     map_size: int = 2**40
     # CAS quota: the maximum bytes of stored blobs before least-recently-used ones are evicted.

@@ -5,7 +5,13 @@ import sys
 
 from twisted.python import usage
 
-from bgrid.config import ServerConfig, parse_fraction, parse_seconds, parse_size
+from bgrid.config import (
+    ServerConfig,
+    parse_fraction,
+    parse_listen_address,
+    parse_seconds,
+    parse_size,
+)
 
 DEFAULTS = ServerConfig()
 
@@ -42,9 +48,10 @@ class Options(usage.Options):
     optParameters = [
         ["data-dir", "d", DEFAULTS.data_dir,
          "Directory for the LMDB store and local bot work directories."],
-        ["max-batch-size", None, "4MiB",
+        ["max-batch-size", None, "4032KiB",
          "Largest total of blob sizes in one BatchUpdateBlobs or BatchReadBlobs (bytes, "
-         "or with a unit such as 4MiB)."],
+         "or with a unit such as 4MiB). The default leaves room below the 4 MiB message "
+         "limit of gRPC clients for the digests and statuses of a response."],
         ["map-size", None, "1TiB",
          "Largest size the LMDB database file may grow to (bytes or with a unit). The map "
          "starts at 1GiB, or this size if smaller, and doubles each time it fills."],
@@ -166,6 +173,12 @@ class Options(usage.Options):
         for prop in config.local_bot_properties:
             if "=" not in prop or prop.startswith("="):
                 errors.append(f"--local-bot-property: invalid property {prop!r}: expected NAME=VALUE")
+
+        for address in config.listen:
+            try:
+                parse_listen_address(address)
+            except ValueError as error:
+                errors.append(f"--listen: {error}")
 
         if errors:
             raise usage.UsageError("\n".join(errors))
