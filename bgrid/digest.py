@@ -13,7 +13,8 @@ HASH_NAME = "sha256"
 HASH_HEX_LENGTH = 64
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
 _HEX_DIGIT_BYTES = b"0123456789abcdef"
-_DECIMAL = re.compile(r"[0-9]{1,19}")
+# A size in a resource name: canonical decimal, so one blob has one resource name.
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
 class Digest(NamedTuple):
@@ -42,7 +43,8 @@ class Digest(NamedTuple):
         if isinstance(size_bytes, str):
             if not _DECIMAL.fullmatch(size_bytes):
                 raise InvalidArgumentError(
-                    f"{field}: invalid size {size_bytes!r}: expected a decimal number of bytes"
+                    f"{field}: invalid size {size_bytes!r}: expected a decimal number of bytes "
+                    f"without leading zeros"
                 )
             size_bytes = int(size_bytes)
         if size_bytes < 0:
@@ -107,6 +109,12 @@ def keys_of(digests):
 def hash_hex(data):
     """Return the SHA-256 of ``data`` (bytes or a buffer) as lowercase hex."""
     return hashlib.sha256(data).hexdigest()
+
+
+def hash_key(data):
+    """Return the SHA-256 of ``data`` (bytes or a buffer) as 32 raw bytes, the form of
+    ``Digest.key``."""
+    return hashlib.sha256(data).digest()
 
 
 def new_hasher():

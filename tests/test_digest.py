@@ -3,7 +3,7 @@
 from twisted.trial import unittest
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from bgrid.digest import Digest, digests_from_protos, keys_of
+from bgrid.digest import Digest, digests_from_protos, hash_key, keys_of
 from bgrid.errors import InvalidArgumentError
 
 VALID_HASHES = ["0" * 64, "0123456789abcdef" * 4, "f" * 64]
@@ -75,3 +75,9 @@ class KeysOfTests(unittest.TestCase):
         digests = [Digest(hash_hex, 1) for hash_hex in VALID_HASHES]
 
         self.assertEqual(keys_of(digests), [digest.key for digest in digests])
+
+
+class HashKeyTests(unittest.TestCase):
+    def test_matches_digest_key(self):
+        for data in (b"", b"blob", bytearray(b"x" * 5000), memoryview(b"y" * 3000)):
+            self.assertEqual(hash_key(data), Digest.of(data).key)

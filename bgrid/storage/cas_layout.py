@@ -47,6 +47,8 @@ _BLOB_ID = struct.Struct(">Q")
 # size_bytes, blob_id, accessed_at, flags. Readers use unpack_from, so later versions may
 # append fields without breaking older records.
 _RECORD = struct.Struct(">QQQI")
+# The size_bytes and blob_id at the start of a packed record.
+_RECORD_HEAD = struct.Struct(">QQ")
 
 # The number of blobs that ``evict_lru`` deletes between two calls of its ``is_enough``.
 ENOUGH_CHECK_INTERVAL = 16
@@ -194,6 +196,34 @@ def read_range(txn, dbs, blob_id, offset, length):
         position += take
 
     return b"".join(pieces)
+
+
+def read_blob(txn, dbs, key, size_bytes):
+    """Return ``(blob_id, data)`` of the whole blob under the raw hash ``key``, or None
+    when the index has no record of it with ``size_bytes``.
+
+    ``data`` is a new ``bytes``, or None when a chunk is missing or too short, as in
+    ``read_range``. Does what ``read_record`` and ``read_range`` do together, with one
+    get per database and one copy for a blob of a single chunk.
+    """
+    get = txn.get
+    value = get(key, db=dbs.index)
+    if value is None:
+        return None
+    stored_size, blob_id = _RECORD_HEAD.unpack_from(value)
+    if stored_size != size_bytes:
+        return None
+    if size_bytes > CHUNK_SIZE:
+        return blob_id, read_range(txn, dbs, blob_id, 0, size_bytes)
+    if size_bytes == 0:
+        return blob_id, b""
+
+    chunk = get(_CHUNK_KEY.pack(blob_id, 0), db=dbs.chunks)
+    if chunk is None or len(chunk) < size_bytes:
+        return blob_id, None
+    if len(chunk) > size_bytes:
+        chunk = chunk[:size_bytes]
+    return blob_id, bytes(chunk)
 
 
 def delete_chunks(txn, dbs, blob_id):

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bgrid.digest import EMPTY_DIGEST, hash_hex, keys_of
+from bgrid.digest import EMPTY_DIGEST, hash_hex, hash_key, keys_of
 from bgrid.errors import (
     BgridError,
     BlobNotFoundError,
@@ -29,6 +29,15 @@ from bgrid.storage.lmdb_cas_streams import LmdbBlobReader, LmdbBlobWriter
 # Data up to this size is hashed on the reactor thread. Larger data is hashed on a pool
 # thread, where hashlib releases the GIL.
 INLINE_HASH_LIMIT = 4 * 1024
+
+# Bounds on a read that runs on the reactor thread (``LmdbEnvironment.read_inline``):
+# index lookups of one FindMissingBlobs, and the blobs of one read and the bytes they
+# add up to. Larger reads go to a reader thread. At these bounds an inline read blocks
+# the reactor for an estimated 1.5 ms (4,096 lookups) or 0.7 ms (1 MiB copied and
+# hashed), from rates measured on a 2-core VM: 0.36 ms per 1,000 lookups and 0.57 ms
+# per MiB of SHA-256.
+INLINE_READ_MAX_KEYS = 4096
+INLINE_READ_MAX_BYTES = 1 << 20
 
 DEFAULT_ACCESS_FLUSH_INTERVAL = 60.0
 
@@ -72,15 +81,16 @@ def _read_verified(txn, dbs, digests):
     """
     keys = keys_of(digests)
     blobs = []
+    read_blob = cas_layout.read_blob
     for digest, key in zip(digests, keys):
-        record = cas_layout.read_record(txn, dbs, key)
-        if record is None or record.size_bytes != digest.size_bytes:
+        found = read_blob(txn, dbs, key, digest.size_bytes)
+        if found is None:
             blobs.append(None)
             continue
 
-        data = cas_layout.read_range(txn, dbs, record.blob_id, 0, record.size_bytes)
-        if data is None or hash_hex(data) != digest.hash:
-            blobs.append(_Corrupt(record.blob_id))
+        blob_id, data = found
+        if data is None or hash_key(data) != key:
+            blobs.append(_Corrupt(blob_id))
         else:
             blobs.append(data)
     return blobs, keys
@@ -227,7 +237,10 @@ class LmdbBlobStore:
             return defer.succeed([])
 
         lookups = list(unique)
-        reading = self._environment.read(_find_stored, self._dbs, lookups)
+        if len(lookups) <= INLINE_READ_MAX_KEYS:
+            reading = self._environment.read_inline(_find_stored, self._dbs, lookups)
+        else:
+            reading = self._environment.read(_find_stored, self._dbs, lookups)
         return reading.addCallback(self._stored_found, lookups)
 
     def _stored_found(self, found, lookups):
@@ -251,7 +264,13 @@ class LmdbBlobStore:
             return defer.succeed([b"" for _ in digests])
 
         lookups = list(unique)
-        reading = self._environment.read(_read_verified, self._dbs, lookups)
+        if (
+            len(lookups) <= INLINE_READ_MAX_KEYS
+            and sum(map(_get_size_bytes, lookups)) <= INLINE_READ_MAX_BYTES
+        ):
+            reading = self._environment.read_inline(_read_verified, self._dbs, lookups)
+        else:
+            reading = self._environment.read(_read_verified, self._dbs, lookups)
         return reading.addCallback(self._blobs_read, lookups, digests)
 
     def _blobs_read(self, read, lookups, digests):

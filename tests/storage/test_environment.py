@@ -116,6 +116,33 @@ class LmdbEnvironmentTests(unittest.TestCase):
 
         self.assertEqual(threads, [threading.main_thread()] * 2)
 
+    async def test_read_inline_runs_on_calling_thread(self):
+        self.start()
+        await self.environment.write(self.put_operation(b"k", b"v"))
+
+        reading = self.environment.read_inline(
+            lambda txn: (threading.current_thread(), _get(txn, self.db, b"k"))
+        )
+
+        # The Deferred has fired before read_inline returns.
+        self.assertEqual(self.successResultOf(reading), (threading.main_thread(), b"v"))
+
+    def test_read_inline_failure_fails_deferred(self):
+        self.start()
+
+        def fail(txn):
+            raise ValueError("read failed")
+
+        failure = self.failureResultOf(self.environment.read_inline(fail), ValueError)
+
+        self.assertEqual(str(failure.value), "read failed")
+
+    async def test_read_inline_after_stop_rejected(self):
+        self.start()
+        await self.environment.stop()
+
+        self.failureResultOf(self.environment.read_inline(lambda txn: None), UnavailableError)
+
     async def test_failing_operation_rolls_back_alone(self):
         self.start()
 

@@ -4,6 +4,7 @@ its LMDB layout (crash recovery, corruption, a full map, access times)."""
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from bgrid.digest import Digest
 from bgrid.errors import (
     BlobNotFoundError,
     CancelledError,
@@ -13,7 +14,11 @@ from bgrid.errors import (
 )
 from bgrid.storage import cas_layout
 from bgrid.storage.cas_layout import CHUNK_SIZE, CasDatabases
-from bgrid.storage.lmdb_cas import DEFAULT_ACCESS_FLUSH_INTERVAL
+from bgrid.storage.lmdb_cas import (
+    DEFAULT_ACCESS_FLUSH_INTERVAL,
+    INLINE_READ_MAX_BYTES,
+    INLINE_READ_MAX_KEYS,
+)
 from tests.storage.contracts import BlobStoreContract
 from tests.storage.support import (
     MiB,
@@ -193,6 +198,54 @@ class LmdbBlobStoreTests(unittest.TestCase):
 
         self.assertIsInstance(results[0], CorruptBlobError)
         self.assertEqual(await self.store.find_missing([digest]), [digest])
+
+    async def test_get_of_single_chunk_detects_damage(self):
+        # A small blob of one chunk is read on the reactor thread through the
+        # single-chunk path of cas_layout.read_blob.
+        cases = [
+            ("same length", b"\xff" * 1000),
+            ("truncated", b"\xff" * 999),
+            ("missing", None),
+        ]
+        for name, replacement in cases:
+            data, digest = random_blob(1000)
+            intact_data, intact = random_blob(2000)
+            await self.store.put_many([(digest, data), (intact, intact_data)])
+            await self.damage_chunk(digest, 0, replacement)
+
+            results = await self.store.get_many([digest, intact])
+
+            self.assertIsInstance(results[0], CorruptBlobError, name)
+            self.assertEqual(results[1], intact_data, name)
+            self.assertEqual(await self.store.find_missing([digest]), [digest], name)
+            self.assertIsNone(await self.read_record(digest), name)
+        await assert_consistent(self, self.store)
+
+    async def test_get_many_inline_and_pooled_agree(self):
+        small_data, small = random_blob(4096)
+        large_data, large = random_blob(INLINE_READ_MAX_BYTES)
+        other_size = Digest(small.hash, small.size_bytes + 1)
+        await self.store.put_many([(small, small_data), (large, large_data)])
+
+        inline = await self.store.get_many([small, other_size, small])
+        pooled = await self.store.get_many([small, other_size, large])
+
+        self.assertEqual(inline[0], small_data)
+        self.assertIsInstance(inline[1], BlobNotFoundError)
+        self.assertEqual(inline[2], small_data)
+        self.assertEqual(pooled[0], small_data)
+        self.assertIsInstance(pooled[1], BlobNotFoundError)
+        self.assertEqual(pooled[2], large_data)
+
+    async def test_find_missing_above_inline_limit(self):
+        blobs = [random_blob(10) for _ in range(3)]
+        await self.store.put_many([(digest, data) for data, digest in blobs])
+        absent = [random_blob(10)[1] for _ in range(INLINE_READ_MAX_KEYS)]
+        stored = [digest for _, digest in blobs]
+
+        missing = await self.store.find_missing(stored + absent)
+
+        self.assertEqual(missing, absent)
 
     async def test_full_read_detects_corruption(self):
         data, digest = random_blob(2 * MiB + 100)
