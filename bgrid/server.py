@@ -6,6 +6,7 @@ nor gRPC's core may cross a fork.
 """
 
 import fcntl
+import gc
 import os
 import sys
 
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from google.longrunning import operations_grpc_pb2
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from twisted.logger import Logger
 from twisted.runner.procmon import ProcessMonitor
@@ -39,9 +40,16 @@ from bgrid.servicers.execution import ExecutionServicer
 from bgrid.servicers.operations import OperationsServicer
 from bgrid.storage.factory import build_storage
 
-# Room in a gRPC message, in bytes, beyond the largest batch of blob data: digests,
-# statuses and framing of many small blobs, and ByteStream chunks.
-MESSAGE_SIZE_MARGIN = 4 * 2**20
+# Room in a gRPC message, in bytes, beyond the largest batch of blob data and the entries
+# of its blobs: headers, and ByteStream chunks.
+MESSAGE_SIZE_MARGIN = 2**20
+
+# The gRPC message limit leaves room for one batch entry (digest, status, framing; at most
+# about 90 bytes) per this many bytes of blob data, so that a batch of blobs of this size
+# or larger fits whole. A batch of smaller blobs may exceed the limit, and gRPC rejects it
+# with RESOURCE_EXHAUSTED before bgrid sees it.
+SMALLEST_FITTING_BLOB = 32
+BATCH_ENTRY_OVERHEAD = 96
 
 # Seconds that calls in progress get to finish when the server stops.
 SHUTDOWN_GRACE = 10.0
@@ -65,8 +73,38 @@ SERVICE_NAMES = (
 )
 
 
+# Seconds the local bot gets to give its leases back after SIGTERM before it is killed.
+LOCAL_BOT_STOP_TIMEOUT = 10.0
+
+# Seconds between two checks of whether the local bot has exited, while the daemon stops.
+LOCAL_BOT_EXIT_POLL = 0.1
+
+
 class StartupError(Exception):
     """A reason the daemon cannot start that its message explains without a traceback."""
+
+
+class LocalBotMonitor(ProcessMonitor):
+    """The ``ProcessMonitor`` of the local bot process, which restarts it when it dies, and
+    whose ``stopService`` waits until the process has exited."""
+
+    def __init__(self, reactor):
+        super().__init__(reactor=reactor)
+        self.killTime = LOCAL_BOT_STOP_TIMEOUT
+
+    def stopService(self):
+        """Send SIGTERM to the bot, SIGKILL after ``killTime``, and return a Deferred that
+        fires once it has exited."""
+        if not self.running:
+            return defer.succeed(None)
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._wait_for_exit())
+
+    async def _wait_for_exit(self):
+        # ProcessMonitor offers no exit notification, so its table of live processes is
+        # checked until the bot is gone.
+        while self.protocols:
+            await task.deferLater(self._clock, LOCAL_BOT_EXIT_POLL, lambda: None)
 
 
 class BgridService(service.MultiService):
@@ -84,6 +122,7 @@ class BgridService(service.MultiService):
         self.bytestream = None
         self.health = None
         self.data_dir_lock = None
+        self.local_bots = None
         self.ports = []
         self.ready = defer.Deferred()
 
@@ -141,7 +180,10 @@ class BgridService(service.MultiService):
 
     def _build_grpc_server(self, controller):
         config = self.config
-        message_limit = config.max_batch_size + MESSAGE_SIZE_MARGIN
+        entries = config.max_batch_size // SMALLEST_FITTING_BLOB
+        message_limit = (
+            config.max_batch_size + entries * BATCH_ENTRY_OVERHEAD + MESSAGE_SIZE_MARGIN
+        )
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),
@@ -206,6 +248,7 @@ class BgridService(service.MultiService):
             await self.health.set(name, status)
 
     def _serving(self, _=None):
+        freeze_startup_objects()
         for address, port in self.ports:
             self.log.info("serving REAPI on {address} (port {port})", address=address, port=port)
         as_deferred(self._set_health(health_pb2.HealthCheckResponse.SERVING))
@@ -253,15 +296,19 @@ class BgridService(service.MultiService):
             command += ["--instance", self.config.instance_names[0]]
         for prop in self.config.local_bot_properties:
             command += ["--property", prop]
-        monitor = ProcessMonitor(reactor=self.reactor)
-        monitor.addProcess("local-bots", command, env=dict(os.environ))
-        monitor.setServiceParent(self)
+        self.local_bots = LocalBotMonitor(reactor=self.reactor)
+        self.local_bots.addProcess("local-bots", command, env=dict(os.environ))
+        self.local_bots.setServiceParent(self)
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
         self.log.info("bgrid stopping")
+        # The local bot reports its leases as given back while the server still takes
+        # calls, so a restart does not count them as retries.
+        if self.local_bots is not None:
+            await self.local_bots.stopService()
         await service.MultiService.stopService(self)
         if self.grpc_server is not None:
             await as_deferred(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
@@ -283,6 +330,24 @@ class BgridService(service.MultiService):
         if self.data_dir_lock is not None:
             self.data_dir_lock.close()
         self.log.info("bgrid stopped")
+
+
+def freeze_startup_objects():
+    """Move the objects built at startup out of the garbage collector's reach.
+
+    A FindMissingBlobs of 1,000 digests allocates about 3,000 tracked objects, so each
+    call starts several collections, and a full collection traverses every tracked
+    object, including the modules, servicers and descriptors loaded at startup. Measured
+    with the fmb scenario of ``python -m bench`` on a 2-core VM, over four runs each:
+    1.91 ms of server CPU per call on average with the freeze, 2.08 ms without.
+    """
+    # NOTE: a threshold of 10,000 instead of 700 for the youngest generation saved a
+    # little more CPU in fmb. But the daemon then peaked at 800 MiB of resident memory
+    # instead of 180 MiB in the 1 MiB case of bs-write, likely because garbage cycles
+    # that hold upload buffers wait longer for a collection. The default thresholds
+    # are therefore kept.
+    gc.collect()
+    gc.freeze()
 
 
 def lock_data_dir(data_dir):

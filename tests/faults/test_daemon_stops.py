@@ -255,3 +255,56 @@ class DaemonStopTest(support.FaultTestCase):
         output_digest = Digest.from_proto(response.result.output_files[0].digest)
         self.assertEqual(await cas.read_blob(output_digest), b"done\n")
         self.assert_running(bot)
+
+
+class LocalBotStopTest(support.FaultTestCase):
+    # With no retries allowed, a lease lost by the local bot would fail its job.
+    daemon_options = ["--local-bots", "1", "--max-job-retries", "0"]
+
+    @async_test
+    async def test_sigterm_gives_local_bot_leases_back(self):
+        """SIGTERM of a daemon with a local bot while that bot runs an action.
+
+        Afterwards the daemon has waited for its local bot to exit, the action's processes
+        are gone, and the bot gave its lease back before the server stopped taking calls.
+        So after a restart the job runs again without counting a retry, and its operation
+        ends OK although the daemon allows no retries.
+        """
+        marker = f"{self.grid.base_dir}/first-run"
+        channel = self.open_channel()
+        cas = CasClient(channel)
+        # The first run waits to be stopped, and the second one finishes at once.
+        action_digest = await support.upload_action(
+            cas,
+            [
+                "sh",
+                "-c",
+                f"if [ -e {marker} ]; then echo done > out; else touch {marker}; sleep 60; fi",
+            ],
+            output_paths=["out"],
+        )
+        name = await support.submit(channel, action_digest)
+        processes = await support.wait_for(
+            lambda: support.action_processes(self.grid.daemon, "sleep"),
+            support.EVENT_TIMEOUT,
+            "the local bot to run the action",
+        )
+        self.addCleanup(support.kill_survivors, processes)
+
+        daemon = self.grid.daemon
+        daemon.popen.send_signal(signal.SIGTERM)
+        status = await asyncio.to_thread(daemon.popen.wait, SHUTDOWN_GRACE + STOP_MARGIN_SECONDS)
+        self.assertIn(status, support.CLEAN_EXIT_STATUSES)
+        self.assertEqual(support.survivors(processes), [])
+        log = self.grid.daemon_log()
+        self.assertIn("without counting a retry", log)
+        self.assertIn("refuses new calls", log)
+        self.assertLess(log.index("without counting a retry"), log.index("refuses new calls"))
+
+        await asyncio.to_thread(self.grid.start_daemon)
+
+        operation = await support.wait_until_done(channel, name, support.EVENT_TIMEOUT)
+        response = support.execute_response(operation)
+        self.assertEqual(response.status.code, code_pb2.OK, response.status.message)
+        self.assertEqual(response.result.exit_code, 0)
+        self.assertNotRegex(self.grid.daemon_log(), r"\(retry \d+ of")
