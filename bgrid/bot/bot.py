@@ -114,7 +114,11 @@ class Bot:
         self.sessions = []
 
     def start(self):
-        """Start the bot; return a Deferred that fires when it stops, or fails with its error."""
+        """Start the bot; return a Deferred that fires when it stops, or fails with its error.
+
+        The error is ``bgrid.bot.session.SessionRejectedError`` when the server rejects the
+        bot's sessions for good, as for an instance name that it does not serve.
+        """
         self._task = asyncio.ensure_future(self._run())
         return as_deferred(self._task)
 
@@ -162,7 +166,8 @@ class Bot:
             )
             tasks = [asyncio.ensure_future(session.run()) for session in self.sessions]
             try:
-                # Sessions run until cancelled, so one that returns has failed.
+                # Sessions run until cancelled, so one that returns has failed, as with
+                # SessionRejectedError, which ends the bot.
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for session_task in done:
                     session_task.result()
@@ -173,6 +178,11 @@ class Bot:
                 for session_task in tasks:
                     session_task.cancel()
                 await asyncio.wait(tasks)
+                # Only the first error is raised above. The other sessions usually failed the
+                # same way, and reading their errors keeps asyncio from logging each of them.
+                for session_task in tasks:
+                    if not session_task.cancelled():
+                        session_task.exception()
         finally:
             await channel.close()
             self.log.info("bot {name} stopped", name=config.name)

@@ -76,7 +76,10 @@ class ActionExecutor:
         ``payload`` is an ``Any`` packing an Action or the Digest of one. The status is OK,
         DEADLINE_EXCEEDED (with the partial stdout and stderr in the result), INVALID_ARGUMENT
         for an invalid action or input tree, FAILED_PRECONDITION listing the blobs missing
-        from the CAS, or INTERNAL for a failure of the bot. Every Exception becomes a status.
+        from the CAS, FAILED_PRECONDITION for an output that REAPI rules out, such as a
+        symlink with an absolute target, or INTERNAL for a failure of the bot. Every
+        Exception becomes a status. A status other than OK and DEADLINE_EXCEEDED comes
+        without a result.
         Uploads of the outputs that fail transiently, as while the server restarts, are
         retried for up to ``result_retry_seconds`` after the first failure. After that, the
         status is the upload's error, such as UNAVAILABLE. Cancelling the coroutine kills

@@ -4,6 +4,17 @@ the bot reports for each after the command ran.
 Both REAPI forms are handled: ``output_paths`` (v2.1 and later), where each path may turn out
 to be a file, a directory or a symlink, and the older ``output_files`` and
 ``output_directories``, which fix the type in advance.
+
+Output symlinks must stay inside the exec root. bgrid advertises
+``symlink_absolute_path_strategy`` DISALLOWED, and REAPI says that an action that then
+creates an output symlink with an absolute target fails with FAILED_PRECONDITION. A relative
+target that resolves outside the exec root fails the same way. A client may reject such a
+symlink, as bgrid's own client does inside output directories, and a cached result that a
+client cannot download is of no use.
+
+NOTE: bgrid's client (``bgrid.client.tree.layout_tree``) also rejects a symlink in an output
+directory whose target leaves that directory but stays inside the exec root. The bot accepts
+such a symlink, so ``bgrid execute --download-outputs`` cannot download that result.
 """
 
 import os
@@ -11,7 +22,13 @@ import stat
 from dataclasses import dataclass, field
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from bgrid.client.tree import hash_file, scan_directory, serialize, split_relative_path
+from bgrid.client.tree import (
+    MAX_SYMLINK_DEPTH,
+    hash_file,
+    scan_directory,
+    serialize,
+    split_relative_path,
+)
 from bgrid.digest import Digest
 from bgrid.errors import FailedPreconditionError, InvalidArgumentError
 
@@ -135,9 +152,11 @@ def collect_outputs(exec_root, spec):
     ``output_paths`` a symlink goes to ``output_symlinks`` and, for v2.0 clients, also to
     ``output_file_symlinks`` or ``output_directory_symlinks`` by its target's type. An
     output that does not exist is left out. Raises FailedPreconditionError when an output
-    of ``output_files`` is a directory or one of ``output_directories`` is not, and
-    InvalidArgumentError when an output's parent resolves outside ``exec_root`` or an output
-    is not a file, directory or symlink. Hashes every output: run it off the reactor thread.
+    of ``output_files`` is a directory or one of ``output_directories`` is not, and when an
+    output symlink, or a symlink inside an output directory, has an absolute target or one
+    that resolves outside the exec root. Raises InvalidArgumentError when an output's parent
+    resolves outside ``exec_root`` or an output is not a file, directory or symlink. Hashes
+    every output: run it off the reactor thread.
     """
     root = os.path.realpath(exec_root)
     collected = CollectedOutputs()
@@ -148,10 +167,12 @@ def collect_outputs(exec_root, spec):
         except (FileNotFoundError, NotADirectoryError):
             continue
         if stat.S_ISLNK(mode):
+            _check_symlink(root, location, f"output symlink {output.path!r}")
             _collect_symlink(collected.result, output, location)
         elif stat.S_ISREG(mode):
             _collect_file(collected, output, location, mode)
         elif stat.S_ISDIR(mode):
+            _check_symlinks_below(root, location, output.path)
             _collect_directory(collected, output, location, spec.directory_format)
         else:
             raise InvalidArgumentError(
@@ -169,6 +190,102 @@ def _locate(root, parts, shown_path):
             f"output {shown_path!r}: its parent directory resolves outside the exec root"
         )
     return os.path.join(parent, parts[-1])
+
+
+class _LeavesExecRoot(Exception):
+    """A symlink target resolves outside the exec root."""
+
+
+class _TooManySymlinks(Exception):
+    """Resolving a symlink target follows more than MAX_SYMLINK_DEPTH symlinks."""
+
+
+def _check_symlink(root, location, description):
+    """Raise FailedPreconditionError unless the symlink at ``location`` stays in ``root``.
+
+    ``description`` names the symlink in the message, as in "output symlink 'out'".
+    """
+    target = os.readlink(location)
+    if target.startswith("/"):
+        raise FailedPreconditionError(
+            f"{description} has the absolute target {target!r}, which this server does not "
+            f"allow (symlink_absolute_path_strategy DISALLOWED); make the command create a "
+            f"relative symlink that stays inside the exec root"
+        )
+    directory = os.path.relpath(os.path.dirname(location), root)
+    parts = [] if directory == os.curdir else directory.split(os.sep)
+    try:
+        _TargetResolver(root).resolve(parts, target)
+    except _LeavesExecRoot:
+        raise FailedPreconditionError(
+            f"{description} has the target {target!r}, which resolves outside the exec root"
+        ) from None
+    except _TooManySymlinks:
+        raise FailedPreconditionError(
+            f"{description} has the target {target!r}, which does not resolve within "
+            f"{MAX_SYMLINK_DEPTH} symlinks"
+        ) from None
+
+
+class _TargetResolver:
+    """Resolves symlink targets below ``root`` like the kernel, but never leaving ``root``.
+
+    ``..`` above ``root`` and an absolute target met on the way raise _LeavesExecRoot.
+    Symlinks on the way are followed on disk, at most MAX_SYMLINK_DEPTH in all, as Linux
+    allows for one path, and then _TooManySymlinks is raised. A segment that does not exist
+    is taken literally, as ``bgrid.client.tree`` does for the symlinks of a Tree.
+    """
+
+    def __init__(self, root):
+        self._root = root
+        self._followed = 0
+
+    def resolve(self, parts, target):
+        """Return the parts of ``target`` resolved from the directory ``parts``."""
+        if target.startswith("/"):
+            raise _LeavesExecRoot()
+        current = list(parts)
+        for segment in target.split("/"):
+            if segment in ("", "."):
+                continue
+            if segment == "..":
+                if not current:
+                    raise _LeavesExecRoot()
+                current.pop()
+                continue
+            current.append(segment)
+            path = os.path.join(self._root, *current)
+            try:
+                is_symlink = stat.S_ISLNK(os.lstat(path).st_mode)
+            except OSError:
+                # A missing or unreadable path is no symlink, so its segment is kept as written.
+                is_symlink = False
+            if is_symlink:
+                self._followed += 1
+                if self._followed > MAX_SYMLINK_DEPTH:
+                    raise _TooManySymlinks()
+                current = self.resolve(current[:-1], os.readlink(path))
+        return current
+
+
+def _check_symlinks_below(root, directory, output_path):
+    """Check every symlink below the output directory ``directory`` with _check_symlink."""
+    pending = [directory]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    inner = os.path.relpath(entry.path, directory).replace(os.sep, "/")
+                    if output_path:
+                        description = (
+                            f"symlink {output_path + '/' + inner!r} in output directory "
+                            f"{output_path!r}"
+                        )
+                    else:
+                        description = f"symlink {inner!r} in the working directory, an output"
+                    _check_symlink(root, entry.path, description)
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
 
 
 def _collect_symlink(result, output, location):

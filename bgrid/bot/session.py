@@ -10,6 +10,8 @@ again, each call reporting the bot's view of its lease:
   dropped. When the action finishes first, the open call is cancelled and the result is
   reported at once as COMPLETED.
 * A lease reported as COMPLETED is dropped as soon as a report carrying it succeeds.
+* CreateBotSession failing with a code in PERMANENT_CREATE_CODES ends the loop with
+  SessionRejectedError, because no retry can fix the bot's configuration.
 * NOT_FOUND for the session (it expired, or another bot with the same bot id replaced it)
   drops the session and the lease, and a new session is created: at once for the first
   NOT_FOUND_BEFORE_BACKOFF responses in a row, after a growing delay from then on. Other
@@ -53,9 +55,37 @@ STOP_REPORT_TIMEOUT_SECONDS = 5.0
 # creates its own, and without a pause the two would do so in a tight loop.
 NOT_FOUND_BEFORE_BACKOFF = 3
 
+# Status codes of a failed CreateBotSession that end the bot instead of being retried,
+# because they come from a configuration that no retry fixes. bgrid returns INVALID_ARGUMENT
+# for an instance name that it does not serve and for an invalid bot id or worker, and a
+# server may return NOT_FOUND for an unknown instance. PERMISSION_DENIED and UNAUTHENTICATED
+# mean that the bot lacks credentials, and UNIMPLEMENTED that the server has no Bots service.
+# Every other code is retried with backoff, such as UNAVAILABLE and DEADLINE_EXCEEDED while
+# the server starts or restarts. Failures of UpdateBotSession never end the bot.
+PERMANENT_CREATE_CODES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+})
+
 # Range in seconds of keepalive timeouts that a bot accepts from the server's expire_time.
 # Values outside it come from clocks that disagree, and the bot keeps its earlier value.
 PLAUSIBLE_KEEPALIVE_SECONDS = (1.0, 86400.0)
+
+
+class SessionRejectedError(Exception):
+    """The server rejected CreateBotSession with a code in PERMANENT_CREATE_CODES."""
+
+    def __init__(self, bot_id, instance_name, error):
+        self.code = error.code()
+        self.details = error.details()
+        super().__init__(
+            f"the server rejected the session of bot {bot_id} for instance "
+            f"{instance_name!r}: {self.code.name}: {self.details}. Retrying cannot fix "
+            f"this, so the bot stops; check --server, --instance and --name"
+        )
 
 
 class SessionLoop:
@@ -108,7 +138,11 @@ class SessionLoop:
         return self._lease
 
     async def run(self):
-        """Run until cancelled; then stop the running action and close the session."""
+        """Run until cancelled; then stop the running action and close the session.
+
+        Raises SessionRejectedError when CreateBotSession fails with a code in
+        PERMANENT_CREATE_CODES.
+        """
         try:
             while True:
                 try:
@@ -118,6 +152,10 @@ class SessionLoop:
                     await self._update_session()
                     self._backoff.reset()
                 except grpc.aio.AioRpcError as error:
+                    if self.session_name is None and error.code() in PERMANENT_CREATE_CODES:
+                        raise SessionRejectedError(
+                            self.bot_id, self._instance_name, error
+                        ) from None
                     await self._handle_error(error)
         finally:
             await self._terminate()

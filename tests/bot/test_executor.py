@@ -228,6 +228,39 @@ class ExecutorTests(ExecutorTestCase):
         self.assertIn("invalid output path", outcome.status.message)
 
     @async_test
+    async def test_absolute_output_symlink_fails_precondition(self):
+        action = self.make_action(
+            "echo kept > data && ln -s /etc/hostname out",
+            output_paths=["data", "out"],
+        )
+
+        outcome = await self.executor.execute(pack(action), "lease-1", "bot-a.0")
+
+        self.assertEqual(outcome.status.code, code_pb2.FAILED_PRECONDITION)
+        self.assertIn("output symlink 'out'", outcome.status.message)
+        self.assertIn("'/etc/hostname'", outcome.status.message)
+        self.assertIsNone(outcome.result)
+        # Nothing of the result was uploaded: neither the output file nor stdout.
+        self.assertNotIn(Digest.of(b"kept\n"), self.server.blobs)
+        for method in ("FindMissingBlobs", "BatchUpdateBlobs", "Write"):
+            self.assertNotIn(method, self.server.calls)
+        self.assertEqual(os.listdir(self.build_root), [])
+
+    @async_test
+    async def test_escaping_tree_symlink_fails_precondition(self):
+        action = self.make_action(
+            "mkdir d && ln -s ../../../../../../../etc d/etclink",
+            output_paths=["d"],
+        )
+
+        outcome = await self.executor.execute(pack(action), "lease-1", "bot-a.0")
+
+        self.assertEqual(outcome.status.code, code_pb2.FAILED_PRECONDITION)
+        self.assertIn("symlink 'd/etclink' in output directory 'd'", outcome.status.message)
+        self.assertIn("resolves outside the exec root", outcome.status.message)
+        self.assertIsNone(outcome.result)
+
+    @async_test
     async def test_missing_program_rejected(self):
         action = self.make_action("true")
         command = re_pb2.Command(arguments=["./not-there"])

@@ -56,11 +56,12 @@ class GridProcessTestCase(unittest.TestCase):
 
     daemon_options = ()
 
-    async def start_daemon(self):
+    async def start_daemon(self, port=None):
+        """Start the daemon on ``port`` (default: a free port) of 127.0.0.1."""
         if importlib.util.find_spec("bgrid.tap") is None:
             raise unittest.SkipTest("bgrid/tap.py, the daemon's entry point, does not exist yet")
         self.directory = make_temp_dir(self)
-        port = find_free_port()
+        port = port or find_free_port()
         self.address = f"127.0.0.1:{port}"
 
         self.daemon_log = os.path.join(self.directory, "daemon.log")
@@ -121,7 +122,8 @@ class GridProcessTestCase(unittest.TestCase):
                 self.fail(f"daemon not serving after {START_TIMEOUT} s; log:\n{read_text(self.daemon_log)}")
             await asyncio.sleep(0.1)
 
-    async def put_action(self, arguments, inputs=None, timeout=None, **command_fields):
+    async def put_action(self, arguments, inputs=None, timeout=None, do_not_cache=True,
+                         **command_fields):
         """Upload an input tree of ``{path: bytes}``, a Command and an Action; return the Action digest."""
         source = make_temp_dir(self)
         for path, data in (inputs or {}).items():
@@ -137,7 +139,7 @@ class GridProcessTestCase(unittest.TestCase):
         action = re_pb2.Action(
             command_digest=Digest.of(command_data).to_proto(re_pb2.Digest),
             input_root_digest=root_digest.to_proto(re_pb2.Digest),
-            do_not_cache=True,
+            do_not_cache=do_not_cache,
         )
         if timeout is not None:
             action.timeout.CopyFrom(duration_pb2.Duration(seconds=timeout))
@@ -243,6 +245,58 @@ class DaemonAndBotTests(GridProcessTestCase):
 
         self.assertEqual(response.status.code, code_pb2.INVALID_ARGUMENT, response.status.message)
         self.assertIn("escape", response.status.message)
+
+    async def cached_result(self, action_digest):
+        """Return the action cache's result for ``action_digest``, or None for NOT_FOUND."""
+        stub = remote_execution_pb2_grpc.ActionCacheStub(self.channel)
+        try:
+            return await stub.GetActionResult(
+                re_pb2.GetActionResultRequest(action_digest=action_digest.to_proto(re_pb2.Digest)),
+                timeout=EXECUTE_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            self.assertEqual(error.code(), grpc.StatusCode.NOT_FOUND, error.details())
+            return None
+
+    @async_test
+    async def test_escaping_output_symlinks_not_cached(self):
+        cases = [
+            (["out"], "ln -s /etc/hostname out", "output symlink 'out'"),
+            (["rel"], "ln -s ../../../../../../../etc/hostname rel", "output symlink 'rel'"),
+            (["d"], "mkdir d && ln -s /etc d/etclink", "symlink 'd/etclink' in output directory"),
+        ]
+        for output_paths, script, expected in cases:
+            with self.subTest(script=script):
+                action_digest = await self.put_action(
+                    ["/bin/sh", "-c", script], output_paths=output_paths, do_not_cache=False
+                )
+
+                response = await self.final_response(self.execute(action_digest))
+
+                self.assertEqual(
+                    response.status.code, code_pb2.FAILED_PRECONDITION, response.status.message
+                )
+                self.assertIn(expected, response.status.message)
+                self.assertIsNone(await self.cached_result(action_digest))
+        self.assert_bot_log_clean()
+
+    @async_test
+    async def test_inside_output_symlinks_cached(self):
+        action_digest = await self.put_action(
+            ["/bin/sh", "-c",
+             "mkdir -p d/sub && ln -s ../../in.txt d/sub/up && ln -s d/sub/up link"],
+            inputs={"in.txt": b"input"},
+            output_paths=["d", "link"],
+            do_not_cache=False,
+        )
+
+        response = await self.final_response(self.execute(action_digest))
+
+        self.assertEqual(response.status.code, code_pb2.OK, response.status.message)
+        cached = await self.cached_result(action_digest)
+        self.assertIsNotNone(cached)
+        self.assertEqual([(s.path, s.target) for s in cached.output_symlinks], [("link", "d/sub/up")])
+        self.assertEqual([d.path for d in cached.output_directories], ["d"])
 
     @async_test
     async def test_cancelled_operation_kills_action(self):

@@ -285,3 +285,181 @@ class CollectOutputsTests(unittest.TestCase):
         os.mkfifo(os.path.join(self.exec_root, "pipe"))
         with self.assertRaises(InvalidArgumentError):
             collect_outputs(self.exec_root, spec)
+
+
+class OutputSymlinkTargetTests(unittest.TestCase):
+    """Output symlinks must stay inside the exec root: bgrid advertises
+    symlink_absolute_path_strategy DISALLOWED."""
+
+    def setUp(self):
+        self.exec_root = os.path.join(make_temp_dir(self), "root")
+        os.mkdir(self.exec_root)
+
+    def prepare(self, **command_fields):
+        spec = OutputSpec.from_command(re_pb2.Command(**command_fields))
+        spec.create_directories(self.exec_root)
+        return spec
+
+    def link(self, path, target):
+        full = os.path.join(self.exec_root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        os.symlink(target, full)
+
+    def rejection(self, spec):
+        """Collect the outputs expecting FailedPreconditionError; return its message."""
+        with self.assertRaises(FailedPreconditionError) as caught:
+            collect_outputs(self.exec_root, spec)
+        return caught.exception.message
+
+    def test_absolute_output_symlink_rejected(self):
+        spec = self.prepare(output_paths=["out"])
+        self.link("out", "/etc/hostname")
+
+        message = self.rejection(spec)
+
+        self.assertIn("output symlink 'out'", message)
+        self.assertIn("absolute target '/etc/hostname'", message)
+        self.assertIn("DISALLOWED", message)
+
+    def test_escaping_relative_symlink_rejected(self):
+        spec = self.prepare(working_directory="w", output_paths=["rel"])
+        self.link("w/rel", "../../../../../../../etc/hostname")
+
+        message = self.rejection(spec)
+
+        self.assertIn("output symlink 'rel'", message)
+        self.assertIn("'../../../../../../../etc/hostname'", message)
+        self.assertIn("resolves outside the exec root", message)
+
+    def test_one_level_above_exec_root_rejected(self):
+        spec = self.prepare(working_directory="w", output_paths=["up"])
+        self.link("w/up", "../..")
+
+        self.assertIn("resolves outside the exec root", self.rejection(spec))
+
+    def test_absolute_symlink_in_tree_rejected(self):
+        spec = self.prepare(output_paths=["d"])
+        write_file(os.path.join(self.exec_root, "d", "file"), b"f")
+        self.link("d/etclink", "/etc")
+
+        message = self.rejection(spec)
+
+        self.assertIn("symlink 'd/etclink' in output directory 'd'", message)
+        self.assertIn("absolute target '/etc'", message)
+
+    def test_deep_escaping_symlink_rejected(self):
+        spec = self.prepare(output_directories=["d"])
+        self.link("d/sub/deeper/up", "../../../..")
+
+        message = self.rejection(spec)
+
+        self.assertIn("symlink 'd/sub/deeper/up' in output directory 'd'", message)
+        self.assertIn("resolves outside the exec root", message)
+
+    def test_working_directory_output_checked(self):
+        spec = self.prepare(working_directory="w", output_directories=[""])
+        self.link("w/sub/up", "../../..")
+
+        message = self.rejection(spec)
+
+        self.assertIn("symlink 'sub/up' in the working directory", message)
+
+    def test_old_fields_rejected_before_type_checks(self):
+        cases = [
+            (dict(output_files=["f"]), "/etc/hostname"),
+            (dict(output_directories=["d"]), "/etc"),
+            (dict(output_files=["f"]), "../../../../../../../etc/hostname"),
+            (dict(output_directories=["d"]), "../../../../../../../etc"),
+        ]
+        for fields, target in cases:
+            with self.subTest(fields=fields, target=target):
+                self.exec_root = os.path.join(make_temp_dir(self), "root")
+                os.mkdir(self.exec_root)
+                spec = self.prepare(**fields)
+                (path,) = fields.get("output_files", []) + fields.get("output_directories", [])
+                self.link(path, target)
+
+                message = self.rejection(spec)
+
+                self.assertIn(f"output symlink {path!r}", message)
+                self.assertIn(repr(target), message)
+
+    def test_escape_through_another_symlink_rejected(self):
+        # "inner" stays inside, but ".." after it leaves the root, as the kernel resolves it.
+        spec = self.prepare(output_paths=["w/via"])
+        os.makedirs(os.path.join(self.exec_root, "d", "sub"))
+        self.link("w/inner", "../d/sub")
+        self.link("w/via", "inner/../../..")
+
+        self.assertIn("resolves outside the exec root", self.rejection(spec))
+
+    def test_escape_through_absolute_symlink_rejected(self):
+        # The absolute link is not an output itself, yet the output resolves through it.
+        spec = self.prepare(output_paths=["via"])
+        self.link("etc", "/etc")
+        self.link("via", "etc/hostname")
+
+        message = self.rejection(spec)
+
+        self.assertIn("output symlink 'via'", message)
+        self.assertIn("resolves outside the exec root", message)
+
+    def test_symlink_loop_rejected(self):
+        spec = self.prepare(output_paths=["a"])
+        self.link("a", "b")
+        self.link("b", "a")
+
+        self.assertIn("does not resolve within 40 symlinks", self.rejection(spec))
+
+    def test_inside_symlinks_kept(self):
+        spec = self.prepare(
+            working_directory="w",
+            output_paths=["to-input", "to-root", "dangling", "chain", "tree"],
+        )
+        write_file(os.path.join(self.exec_root, "input"), b"input")
+        write_file(os.path.join(self.exec_root, "w", "tree", "sub", "file"), b"f")
+        # Targets outside the working directory and the output Tree, but inside the exec root.
+        self.link("w/to-input", "../input")
+        self.link("w/to-root", "..")
+        self.link("w/dangling", "not/made/yet")
+        self.link("w/chain", "to-root/w/./to-input")
+        self.link("w/tree/sub/up", "../../../input")
+        self.link("w/tree/sub/sibling", "file")
+        self.link("w/tree/dir-link", "sub")
+
+        collected = collect_outputs(self.exec_root, spec)
+
+        self.assertEqual(
+            sorted((entry.path, entry.target) for entry in collected.result.output_symlinks),
+            [("chain", "to-root/w/./to-input"), ("dangling", "not/made/yet"),
+             ("to-input", "../input"), ("to-root", "..")],
+        )
+        (directory,) = collected.result.output_directories
+        root_digest, directories = tree.parse_tree(collected.blobs[digest_of(directory.tree_digest)])
+        symlinks = {}
+        for message in directories.values():
+            symlinks.update((node.name, node.target) for node in message.symlinks)
+        self.assertEqual(
+            symlinks, {"up": "../../../input", "sibling": "file", "dir-link": "sub"}
+        )
+
+    def test_inside_symlinks_kept_old_fields(self):
+        spec = self.prepare(
+            working_directory="w", output_files=["f-link"], output_directories=["d-link", "d"]
+        )
+        write_file(os.path.join(self.exec_root, "data", "file"), b"data")
+        self.link("w/f-link", "../data/file")
+        self.link("w/d-link", "../data")
+        self.link("w/d/up", "../../data/file")
+
+        result = collect_outputs(self.exec_root, spec).result
+
+        self.assertEqual(
+            [(entry.path, entry.target) for entry in result.output_file_symlinks],
+            [("f-link", "../data/file")],
+        )
+        self.assertEqual(
+            [(entry.path, entry.target) for entry in result.output_directory_symlinks],
+            [("d-link", "../data")],
+        )
+        self.assertEqual([entry.path for entry in result.output_directories], ["d"])

@@ -13,7 +13,13 @@ from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from bgrid._protos.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc, worker_pb2
 from bgrid.bot.executor import LeaseOutcome
 from bgrid.bot.retry import DEFAULT_SERVER_KEEPALIVE_SECONDS, RESULT_RETRY_MARGIN_SECONDS
-from bgrid.bot.session import NOT_FOUND_BEFORE_BACKOFF, Backoff, SessionLoop
+from bgrid.bot.session import (
+    NOT_FOUND_BEFORE_BACKOFF,
+    PERMANENT_CREATE_CODES,
+    Backoff,
+    SessionLoop,
+    SessionRejectedError,
+)
 from bgrid.bridge import as_deferred
 from bgrid.errors import make_status
 from tests.client.fakes import ScriptedBots, open_test_channel, start_server, wait_until
@@ -153,6 +159,59 @@ class SessionCreationTests(SessionLoopTestCase):
         await self.expect("UpdateBotSession")
 
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CreateErrorTests(SessionLoopTestCase):
+    @async_test
+    async def test_permanent_codes_end_loop(self):
+        for code in sorted(PERMANENT_CREATE_CODES, key=lambda code: code.name):
+            with self.subTest(code=code.name):
+                await self.start_loop()
+                _, reply = await self.expect("CreateBotSession")
+
+                reply.set_result(code)
+
+                with self.assertRaises(SessionRejectedError) as caught:
+                    await self.running
+                self.assertEqual(caught.exception.code, code)
+                message = str(caught.exception)
+                self.assertIn(f"bot bot.0 for instance 'main': {code.name}: scripted", message)
+                self.assertIn("--instance", message)
+                self.assertEqual(self.clock.getDelayedCalls(), [])
+                self.assertTrue(self.bots.calls.empty())
+
+    @async_test
+    async def test_transient_codes_retried(self):
+        codes = [
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.UNKNOWN,
+        ]
+        await self.start_loop()
+        for code in codes:
+            _, reply = await self.expect("CreateBotSession")
+            reply.set_result(code)
+            await self.advance_to_next_call()
+
+        _, reply = await self.expect("CreateBotSession")
+        reply.set_result(bots_pb2.BotSession(name="sessions/1"))
+        await self.expect("UpdateBotSession")
+        self.assertFalse(self.running.done())
+
+    @async_test
+    async def test_update_errors_never_end_loop(self):
+        # INVALID_ARGUMENT ends the loop only when CreateBotSession returns it.
+        await self.start_loop()
+        _, reply = await self.open_session()
+
+        reply.set_result(grpc.StatusCode.INVALID_ARGUMENT)
+
+        await self.advance_to_next_call()
+        await self.expect("UpdateBotSession")
+        self.assertFalse(self.running.done())
 
 
 class LeaseTests(SessionLoopTestCase):
