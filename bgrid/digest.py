@@ -11,6 +11,8 @@ from bgrid.errors import InvalidArgumentError
 
 HASH_NAME = "sha256"
 HASH_HEX_LENGTH = 64
+# The largest size a Digest message can carry (its size_bytes is an int64).
+MAX_SIZE_BYTES = 2**63 - 1
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
 _HEX_DIGIT_BYTES = b"0123456789abcdef"
 # A size in a resource name: canonical decimal, so one blob has one resource name.
@@ -49,6 +51,10 @@ class Digest(NamedTuple):
             size_bytes = int(size_bytes)
         if size_bytes < 0:
             raise InvalidArgumentError(f"{field}: invalid size {size_bytes}: must not be negative")
+        if size_bytes > MAX_SIZE_BYTES:
+            raise InvalidArgumentError(
+                f"{field}: invalid size {size_bytes}: above the int64 maximum {MAX_SIZE_BYTES}"
+            )
         return cls(hash_hex, size_bytes)
 
     @classmethod

@@ -12,7 +12,6 @@ import shutil
 import sys
 
 import grpc
-from google.protobuf import duration_pb2
 from google.rpc import code_pb2
 
 from bgrid._protos.build.bazel.remote.execution.v2 import (
@@ -92,9 +91,10 @@ def _add_action_options(group):
         metavar="NAME=VALUE", help="environment variable of the command; repeatable",
     )
     group.add_argument(
-        "--timeout", type=options.positive_seconds, metavar="SECONDS",
+        "--timeout", type=options.positive_duration, metavar="SECONDS",
         help="seconds the command may run before it is killed and the execution fails with "
-             "DEADLINE_EXCEEDED (default: no timeout set)",
+             "DEADLINE_EXCEEDED, rounded to whole nanoseconds, at least 0.000000001 "
+             "(default: none, so the server's own limit applies)",
     )
     group.add_argument(
         "--do-not-cache", action="store_true",
@@ -110,8 +110,9 @@ def _add_action_options(group):
 
 def _add_execution_options(group):
     group.add_argument(
-        "--priority", type=int, default=0, metavar="N",
-        help="execution priority; a smaller number runs sooner (default: 0)",
+        "--priority", type=options.int32, default=0, metavar="N",
+        help="execution priority, a whole number from -2147483648 to 2147483647, where a "
+             "smaller number runs sooner (default: 0)",
     )
     group.add_argument(
         "--skip-cache", action="store_true",
@@ -182,9 +183,7 @@ def build_action(args, command_digest, input_root_digest, command):
         platform=command.platform,
     )
     if args.timeout is not None:
-        seconds = int(args.timeout)
-        nanos = int(round((args.timeout - seconds) * 1e9))
-        action.timeout.CopyFrom(duration_pb2.Duration(seconds=seconds, nanos=min(nanos, 999_999_999)))
+        action.timeout.CopyFrom(args.timeout)
     return action
 
 

@@ -2,9 +2,11 @@
 the options of every command that talks to a server."""
 
 import argparse
-import math
+import decimal
 import os
 import sys
+
+from google.protobuf import duration_pb2
 
 from bgrid.client.channel import parse_address
 from bgrid.client.tree import split_relative_path
@@ -18,6 +20,14 @@ SERVER_HELP = (
     "address of the bgrid server: HOST:PORT, grpc://HOST:PORT, grpcs://HOST:PORT (TLS "
     "with the system's root certificates) or unix:PATH (default: %(default)s)"
 )
+
+
+# Ranges of the protobuf fields that numeric options fill.
+INT32_MIN = -2**31
+INT32_MAX = 2**31 - 1
+# google.protobuf.Duration covers about +-10,000 years: seconds up to 315,576,000,000.
+MAX_DURATION_SECONDS = 315_576_000_000
+NANOSECONDS_PER_SECOND = 10**9
 
 
 class UsageError(Exception):
@@ -72,9 +82,10 @@ def digest(text):
             f"and a size in bytes, as 'bgrid cas upload' prints them"
         )
     try:
-        return Digest.parse(hash_hex, size, field=f"digest {text!r}")
+        parsed = Digest.parse(hash_hex, size, field=f"digest {text!r}")
     except InvalidArgumentError as error:
         raise argparse.ArgumentTypeError(error.message) from None
+    return parsed
 
 
 def name_value(text):
@@ -85,17 +96,48 @@ def name_value(text):
     return name, value
 
 
-def positive_seconds(text):
-    """Parse a duration in seconds that is greater than zero."""
+def positive_duration(text):
+    """Parse a number of seconds into a ``google.protobuf.Duration``, rounded to whole ns.
+
+    The value must be finite, round to at least 1 ns and be at most MAX_DURATION_SECONDS.
+    It is parsed as a decimal, so that no float rounding changes it.
+    """
     try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
+        seconds = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        seconds = None
+    if seconds is None or not seconds.is_finite() or seconds <= 0:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: expected a number of seconds greater than 0"
         )
-    return seconds
+    if seconds > MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: the maximum is {MAX_DURATION_SECONDS} seconds, "
+            f"the range of a protobuf Duration"
+        )
+    scaled = seconds * NANOSECONDS_PER_SECOND
+    nanoseconds = int(scaled.to_integral_value(decimal.ROUND_HALF_EVEN))
+    if nanoseconds < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: it rounds to 0 nanoseconds; the minimum is "
+            f"0.000000001 seconds (1 ns)"
+        )
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(nanoseconds)
+    return duration
+
+
+def int32(text):
+    """Parse a whole number that fits a protobuf int32 field."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not INT32_MIN <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a whole number from {INT32_MIN} to {INT32_MAX}"
+        )
+    return value
 
 
 def relative_path(text):

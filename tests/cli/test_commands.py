@@ -191,6 +191,29 @@ class ExecuteCommandTests(GridTestCase):
         self.assertEqual(read_text(self.path("outputs", "tree", "sub", "file")), "nested\n")
         self.assertEqual(os.readlink(self.path("outputs", "link")), "tree/sub/file")
 
+    def test_escaping_output_symlinks_rejected(self):
+        cases = [
+            ("out", "ln -s /etc/hostname out", "output symlink 'out'", "'/etc/hostname'"),
+            ("rel", "ln -s ../../../../../../../etc/hostname rel", "output symlink 'rel'",
+             "resolves outside the exec root"),
+            ("d", "mkdir d && ln -s /etc d/etclink",
+             "symlink 'd/etclink' in output directory 'd'", "'/etc'"),
+        ]
+        for index, (output, script, *fragments) in enumerate(cases):
+            with self.subTest(script=script):
+                destination = self.path(f"outputs-{index}")
+
+                result = self.bgrid(
+                    "execute", *self.server, "--output", output, "--download-outputs",
+                    destination, "--", "sh", "-c", script,
+                )
+
+                self.assert_command_error(result, "FAILED_PRECONDITION", *fragments)
+                self.assertFalse(os.path.lexists(destination))
+                (action_digest,) = ACTION_LINE.findall(result.stderr)
+                cached = self.bgrid("action-cache", "get", *self.server, action_digest)
+                self.assert_command_error(cached, "NOT_FOUND")
+
     def test_failing_command_exit_code(self):
         result = self.bgrid(
             "execute", *self.server, "--", "sh", "-c", "echo partial; echo broken >&2; exit 7"

@@ -10,6 +10,7 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from bgrid.cli import options
 from bgrid.cli.execute import build_action, build_command, output_symlinks
 from bgrid.cli.operations import OperationSummary, format_table
 from bgrid.cli.rpc import describe_status
@@ -203,7 +204,10 @@ class BuildMessagesTests(unittest.TestCase):
         self.assertEqual(command.working_directory, "")
 
     def test_action_fields(self):
-        args = execute_arguments(timeout=2.5, do_not_cache=True, platform=[("OSFamily", "linux")])
+        args = execute_arguments(
+            timeout=options.positive_duration("2.5"), do_not_cache=True,
+            platform=[("OSFamily", "linux")],
+        )
         command = build_command(args)
 
         action = build_action(args, Digest(HASH_A, 10), Digest(HASH_B, 20), command)
@@ -213,6 +217,22 @@ class BuildMessagesTests(unittest.TestCase):
         self.assertEqual((action.timeout.seconds, action.timeout.nanos), (2, 500_000_000))
         self.assertTrue(action.do_not_cache)
         self.assertEqual(action.platform, command.platform)
+
+    def test_timeout_rounded_to_nanoseconds(self):
+        cases = [
+            ("0.000000001", (0, 1)),
+            ("0.0000000006", (0, 1)),
+            ("1.0000000004", (1, 0)),
+            ("1.9999999996", (2, 0)),
+            ("315576000000", (315_576_000_000, 0)),
+        ]
+        for text, expected in cases:
+            with self.subTest(timeout=text):
+                args = execute_arguments(timeout=options.positive_duration(text))
+
+                action = build_action(args, Digest(HASH_A, 10), Digest(HASH_B, 20), build_command(args))
+
+                self.assertEqual((action.timeout.seconds, action.timeout.nanos), expected)
 
     def test_output_symlinks_from_every_field(self):
         result = re_pb2.ActionResult(

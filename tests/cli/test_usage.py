@@ -67,6 +67,8 @@ class UsageTests(CliAssertions, unittest.TestCase):
             ("E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855/0", "lowercase hex"),
             (VALID_DIGEST.replace("/0", "/-1"), "invalid size '-1'"),
             (VALID_DIGEST.replace("/0", "/ten"), "invalid size 'ten'"),
+            (VALID_DIGEST.replace("/0", "/9223372036854775808"),
+             "above the int64 maximum 9223372036854775807"),
         ]
         for text, fragment in cases:
             with self.subTest(digest=text):
@@ -77,6 +79,10 @@ class UsageTests(CliAssertions, unittest.TestCase):
                 self.assert_usage_error(
                     self.bgrid("action-cache", "get", *self.unused_server, text),
                     "argument ACTION_DIGEST", fragment,
+                )
+                self.assert_usage_error(
+                    self.bgrid("execute", *self.unused_server, "--action", text),
+                    "argument --action", fragment,
                 )
 
     def test_bad_platform_property(self):
@@ -95,10 +101,52 @@ class UsageTests(CliAssertions, unittest.TestCase):
         self.assert_usage_error(result, "--env", "'A' is set more than once")
 
     def test_bad_timeout(self):
-        for value in ["0", "-5", "soon", "nan"]:
+        for value in ["0", "-5", "soon", "nan", "inf"]:
             with self.subTest(value=value):
                 result = self.bgrid("execute", *self.unused_server, "--timeout", value, "--", "true")
                 self.assert_usage_error(result, "argument --timeout", "seconds greater than 0")
+
+    def test_timeout_beyond_duration_range(self):
+        for value in ["1e300", "315576000000.000000001", "99999999999999999999"]:
+            with self.subTest(value=value):
+                result = self.bgrid("execute", *self.unused_server, "--timeout", value, "--", "true")
+                self.assert_usage_error(
+                    result, "argument --timeout", repr(value), "maximum is 315576000000 seconds"
+                )
+
+    def test_timeout_rounding_to_zero_nanoseconds(self):
+        for value in ["0.0000000001", "1e-10", "0.0000000005"]:
+            with self.subTest(value=value):
+                result = self.bgrid("execute", *self.unused_server, "--timeout", value, "--", "true")
+                self.assert_usage_error(
+                    result, "argument --timeout", repr(value), "rounds to 0 nanoseconds",
+                    "minimum is 0.000000001 seconds",
+                )
+
+    def test_bad_priority(self):
+        for value in ["99999999999", "-99999999999", "2147483648", "-2147483649", "1.5", "high"]:
+            with self.subTest(value=value):
+                result = self.bgrid(
+                    "execute", *self.unused_server, "--input-root", self.directory,
+                    "--priority", value, "--", "true",
+                )
+                self.assert_usage_error(
+                    result, "argument --priority", repr(value),
+                    "whole number from -2147483648 to 2147483647",
+                )
+
+    def test_numeric_limits_accepted(self):
+        # Valid values pass the checks, so the command goes on to the unused server.
+        cases = [
+            ("--priority", "2147483647"),
+            ("--priority", "-2147483648"),
+            ("--timeout", "0.000000001"),
+            ("--timeout", "315576000000"),
+        ]
+        for option, value in cases:
+            with self.subTest(option=option, value=value):
+                result = self.bgrid("execute", *self.unused_server, option, value, "--", "true")
+                self.assert_command_error(result, "UNAVAILABLE")
 
     def test_bad_output_path(self):
         for value in ["/etc/passwd", "../up", "a//b"]:

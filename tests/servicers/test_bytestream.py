@@ -231,6 +231,7 @@ class ReadTests(ServicerTestCase):
             "non-numeric size": (f"main/blobs/{digest.hash}/12a", "'12a'"),
             "negative size": (f"main/blobs/{digest.hash}/-1", "'-1'"),
             "size with leading zero": (f"main/blobs/{digest.hash}/0100", "'0100'"),
+            "size above int64": (f"main/blobs/{digest.hash}/9999999999999999999", "int64"),
             "bad hash": ("main/blobs/XYZ/100", "'XYZ'"),
             "extra segment": (f"main/blobs/{digest.hash}/100/extra", "'extra'"),
             "no blobs segment": (f"main/{digest.hash}/100", "no 'blobs'"),
