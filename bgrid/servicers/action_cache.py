@@ -5,7 +5,7 @@ from google.protobuf.message import DecodeError
 
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc
-from bgrid.bridge import as_future
+from bgrid.bridge import as_awaitable
 from bgrid.digest import Digest
 from bgrid.errors import (
     BlobNotFoundError,
@@ -50,7 +50,7 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
         check_digest_function(request.digest_function)
         action_digest = Digest.from_proto(request.action_digest, field="action_digest")
 
-        stored = await as_future(self._action_cache.get(instance_name, action_digest))
+        stored = await as_awaitable(self._action_cache.get(instance_name, action_digest))
         result = re_pb2.ActionResult()
         result.CopyFrom(stored)
         await inline_outputs(
@@ -71,18 +71,19 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
         if not request.HasField("action_result"):
             raise InvalidArgumentError("action_result: missing; send the ActionResult to store")
 
-        result = re_pb2.ActionResult()
-        result.CopyFrom(request.action_result)
+        # The request message belongs to this call, so its inline data is cleared in place
+        # and no copy is made.
+        result = request.action_result
         referenced, inline_blobs = _collect_result_blobs(result)
         if inline_blobs:
             await self._store_inline_blobs(inline_blobs)
         await self._check_blobs_stored(action_digest, referenced)
 
-        await as_future(self._action_cache.put(instance_name, action_digest, result))
+        await as_awaitable(self._action_cache.put(instance_name, action_digest, result))
         return result
 
     async def _store_inline_blobs(self, inline_blobs):
-        outcomes = await as_future(self._store.put_many(inline_blobs))
+        outcomes = await as_awaitable(self._store.put_many(inline_blobs))
         for outcome in outcomes:
             if outcome is not None:
                 raise outcome
@@ -91,7 +92,7 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
         """Raise MissingBlobsError unless the Action, its Command and ``referenced`` are in
         the CAS, as REAPI requires before a result is stored."""
         try:
-            action_blob = await as_future(self._store.get(action_digest))
+            action_blob = await as_awaitable(self._store.get(action_digest))
         except (BlobNotFoundError, CorruptBlobError):
             # The store drops a corrupt blob, so the client has to upload it again.
             raise MissingBlobsError([action_digest], what=_MISSING_BLOBS_ADVICE) from None
@@ -105,7 +106,7 @@ class ActionCacheServicer(remote_execution_pb2_grpc.ActionCacheServicer):
             action.command_digest, field=f"command_digest of Action {action_digest}"
         )
 
-        missing = await as_future(self._store.find_missing([command_digest, *referenced]))
+        missing = await as_awaitable(self._store.find_missing([command_digest, *referenced]))
         if missing:
             raise MissingBlobsError(missing, what=_MISSING_BLOBS_ADVICE)
 

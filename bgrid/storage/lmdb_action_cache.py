@@ -59,7 +59,11 @@ class LmdbActionCache:
             key = self._key(instance_name, action_digest)
         except InvalidArgumentError as error:
             return defer.fail(error)
-        reading = self._environment.read(_read_value, self._db, key)
+        # One key lookup runs on the reactor thread, because a reader thread would cost a
+        # thread hop and a reactor wake-up per lookup. The value copied is one
+        # ActionResult, which the server received in one gRPC message, so the maximum
+        # message size bounds it.
+        reading = self._environment.read_inline(_read_value, self._db, key)
         return reading.addCallback(self._parse, instance_name, action_digest)
 
     def _parse(self, value, instance_name, action_digest):

@@ -6,6 +6,11 @@ from twisted.trial import unittest
 from bgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from bgrid.digest import Digest
 from bgrid.errors import NotFoundError
+from bgrid.storage.completeness import (
+    CompletenessCheckingActionCache,
+    TreeFileCache,
+    find_missing_outputs,
+)
 from tests.storage.support import random_blob, start_storage
 
 INSTANCE = "main"
@@ -178,6 +183,160 @@ class CompletenessCheckingActionCacheTests(unittest.TestCase):
         await self.cache.get(INSTANCE, self.action)
 
         self.assertEqual(await self.store.flush_access_times(), 4)
+
+    async def test_lookup_without_directories_fires_at_once(self):
+        output = await self.put_blob(b"binary")
+        result = re_pb2.ActionResult(output_files=[re_pb2.OutputFile(path="bin", digest=_proto(output))])
+        await self.cache.put(INSTANCE, self.action, result)
+
+        getting = self.cache.get(INSTANCE, self.action)
+
+        self.assertTrue(getting.called)
+        self.assertEqual(await getting, result)
+
+
+class TreeFileCacheLookupTests(unittest.TestCase):
+    """Lookups through a ``CompletenessCheckingActionCache`` with a ``TreeFileCache``
+    that the test can inspect and fill."""
+
+    async def setUp(self):
+        self.clock = task.Clock()
+        self.stack = await start_storage(self, clock=self.clock)
+        self.store = self.stack.blob_store
+        self.tree_files = TreeFileCache(max_digests=100)
+        self.cache = CompletenessCheckingActionCache(
+            self.stack._lmdb_action_cache, self.store, self.tree_files
+        )
+        _, self.action = random_blob(140)
+
+    async def put_blob(self, data):
+        digest = Digest.of(data)
+        await self.store.put(digest, data)
+        return digest
+
+    def tree_result(self, *tree_digests):
+        return re_pb2.ActionResult(
+            output_directories=[
+                re_pb2.OutputDirectory(path=f"out/{index}", tree_digest=_proto(tree))
+                for index, tree in enumerate(tree_digests)
+            ]
+        )
+
+    async def store_tree(self, *files):
+        root = re_pb2.Directory(
+            files=[
+                re_pb2.FileNode(name=f"file-{index}", digest=_proto(file))
+                for index, file in enumerate(files)
+            ]
+        )
+        return await self.put_blob(re_pb2.Tree(root=root).SerializeToString())
+
+    async def test_first_lookup_caches_tree_files(self):
+        file = await self.put_blob(b"file")
+        tree = await self.store_tree(file)
+        result = self.tree_result(tree)
+        await self.cache.put(INSTANCE, self.action, result)
+
+        self.assertEqual(await self.cache.get(INSTANCE, self.action), result)
+
+        self.assertEqual(self.tree_files.get(tree), (file,))
+
+    async def test_cached_tree_is_not_read_again(self):
+        # The stored blob is no Tree, so the result is served only if the cached file
+        # list is used in place of a read.
+        file = await self.put_blob(b"file")
+        not_a_tree = await self.put_blob(b"\xff\xff\xff not a protobuf")
+        self.tree_files.add(not_a_tree, [file])
+        result = self.tree_result(not_a_tree)
+        await self.cache.put(INSTANCE, self.action, result)
+
+        self.assertEqual(await self.cache.get(INSTANCE, self.action), result)
+
+    async def test_cached_tree_missing_from_cas_hides_result(self):
+        file = await self.put_blob(b"file")
+        gone_tree = Digest.of(b"a Tree blob that is not in the CAS")
+        self.tree_files.add(gone_tree, [file])
+        await self.cache.put(INSTANCE, self.action, self.tree_result(gone_tree))
+
+        with self.assertRaises(NotFoundError) as caught:
+            await self.cache.get(INSTANCE, self.action)
+
+        self.assertIn(str(gone_tree), caught.exception.message)
+
+    async def test_cached_tree_file_missing_hides_result(self):
+        file = await self.put_blob(b"file")
+        tree = await self.store_tree(file)
+        gone_file = Digest.of(b"evicted file")
+        self.tree_files.add(tree, [file, gone_file])
+        await self.cache.put(INSTANCE, self.action, self.tree_result(tree))
+
+        with self.assertRaises(NotFoundError) as caught:
+            await self.cache.get(INSTANCE, self.action)
+
+        self.assertIn(str(gone_file), caught.exception.message)
+
+    async def test_cached_tree_counts_as_accessed(self):
+        file = await self.put_blob(b"file")
+        tree = await self.store_tree(file)
+        await self.cache.put(INSTANCE, self.action, self.tree_result(tree))
+        await self.cache.get(INSTANCE, self.action)
+        await self.store.flush_access_times()
+        self.clock.advance(3600)
+
+        await self.cache.get(INSTANCE, self.action)
+
+        self.assertEqual(await self.store.flush_access_times(), 2)
+
+    async def test_missing_order_with_cached_and_read_trees(self):
+        missing_read = Digest.of(b"missing in the Tree that is read")
+        missing_cached = Digest.of(b"missing in the cached Tree")
+        read_tree = await self.store_tree(missing_read)
+        cached_tree = await self.store_tree(await self.put_blob(b"other"))
+        self.tree_files.add(cached_tree, [missing_cached])
+        result = self.tree_result(read_tree, cached_tree)
+
+        missing = await find_missing_outputs(self.store, result, self.tree_files)
+
+        self.assertEqual(missing, [missing_read, missing_cached])
+
+
+class TreeFileCacheTests(unittest.TestCase):
+    def digests(self, label, count):
+        return [Digest.of(f"{label}-{index}".encode()) for index in range(count)]
+
+    def test_get_unknown_tree(self):
+        self.assertIsNone(TreeFileCache().get(Digest.of(b"tree")))
+
+    def test_empty_tree_cached(self):
+        cache = TreeFileCache(max_digests=10)
+        tree = Digest.of(b"empty tree")
+
+        cache.add(tree, [])
+
+        self.assertEqual(cache.get(tree), ())
+
+    def test_least_recently_used_evicted(self):
+        cache = TreeFileCache(max_digests=10)
+        first, second, third = self.digests("tree", 3)
+        cache.add(first, self.digests("first", 3))
+        cache.add(second, self.digests("second", 3))
+        cache.get(first)
+
+        cache.add(third, self.digests("third", 3))
+
+        self.assertIsNotNone(cache.get(first))
+        self.assertIsNone(cache.get(second))
+        self.assertIsNotNone(cache.get(third))
+        self.assertEqual(len(cache), 2)
+
+    def test_tree_over_bound_not_cached(self):
+        cache = TreeFileCache(max_digests=10)
+        tree = Digest.of(b"large tree")
+
+        cache.add(tree, self.digests("file", 10))
+
+        self.assertIsNone(cache.get(tree))
+        self.assertEqual(len(cache), 0)
 
 
 class EvictedOutputTests(unittest.TestCase):
