@@ -28,6 +28,8 @@ BYTESTREAM_CHUNK_BYTES = 1024 * 1024
 LARGE_BLOB_BYTES = 64 * 1024 * 1024
 SMALL_BLOB_BYTES = 1024 * 1024
 SMALL_BLOB_CALLERS = 4
+# Concurrent writers of 64 MiB blobs in the case that measures memory under large uploads.
+LARGE_BLOB_WRITERS = 20
 # Distinct 1 MiB blobs that bs-read cycles through.
 SMALL_BLOB_READ_SET = 200
 
@@ -317,7 +319,8 @@ def check_batch_statuses(method, entries):
 
 
 async def bytestream_write(bench):
-    """ByteStream Write of new 64 MiB blobs from one caller, then of 1 MiB blobs from 4."""
+    """ByteStream Write of new 64 MiB blobs from one caller, of 1 MiB blobs from 4, then of
+    64 MiB blobs from 20."""
 
     async def write_large(caller):
         digest, filler, suffix = bench.blobs.make_parts(LARGE_BLOB_BYTES)
@@ -335,6 +338,12 @@ async def bytestream_write(bench):
         await bench.measure("bs-write", "64 MiB x1", write_large, 1, transfers_data=True),
         await bench.measure(
             "bs-write", f"1 MiB x{SMALL_BLOB_CALLERS}", write_small, SMALL_BLOB_CALLERS, transfers_data=True
+        ),
+        # Last, so that its server_peak_rss_mib, which covers the whole scenario, is the
+        # memory that many large uploads at once take.
+        await bench.measure(
+            "bs-write", f"64 MiB x{LARGE_BLOB_WRITERS}", write_large, LARGE_BLOB_WRITERS,
+            transfers_data=True,
         ),
     ]
 

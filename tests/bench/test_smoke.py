@@ -19,6 +19,7 @@ EXPECTED_CASES = [
     ("batch-read", "100 x 4 KiB"),
     ("bs-write", "64 MiB x1"),
     ("bs-write", "1 MiB x4"),
+    ("bs-write", "64 MiB x20"),
     ("bs-read", "64 MiB x1"),
     ("bs-read", "1 MiB x4"),
     ("ac", "update"),
