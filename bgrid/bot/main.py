@@ -8,10 +8,12 @@ import argparse
 import asyncio
 import hashlib
 import os
+import signal
 import socket
 import sys
 
 from bgrid.bot.bot import Bot, BotConfig, WorkDirectory, WorkDirectoryBusyError
+from bgrid.bot.session import SessionRejectedError
 from bgrid.client.channel import parse_address
 from bgrid.config import parse_size
 from bgrid.errors import InvalidArgumentError
@@ -152,6 +154,28 @@ def _begin_logging():
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def _handle_stop_signals(reactor, on_stop_signal):
+    """Call ``on_stop_signal(name)`` in the reactor thread on each SIGINT and SIGTERM.
+
+    As Twisted does, SIGINT is handled only when Python's default handler is in place.
+    It is not when SIGINT was ignored at start, as in a background job of a shell
+    without job control. Returns a function that puts the previous handlers back.
+    """
+    def handle(signal_number, frame):
+        reactor.callFromThread(on_stop_signal, signal.Signals(signal_number).name)
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signal_number: signal.signal(signal_number, handle) for signal_number in handled}
+
+    def restore():
+        for signal_number, handler in previous.items():
+            signal.signal(signal_number, handler)
+
+    return restore
+
+
 def _error(message):
     print(f"bgrid bot: error: {message}", file=sys.stderr)
     return 2
@@ -194,12 +218,33 @@ def run(args):
     log = Logger(namespace="bgrid.bot")
     bot = Bot(config, work_directory, reactor)
     exit_code = 0
+    stopping = False
+
+    def on_stop_signal(signal_name):
+        # Ctrl-C in a terminal sends SIGINT to the whole foreground process group, so a bot
+        # that a foreground daemon runs gets SIGINT, and then SIGTERM from that daemon.
+        nonlocal stopping
+        if stopping:
+            log.info("received {signal_name} while bot {name} is stopping already, "
+                     "ignoring it", signal_name=signal_name, name=config.name)
+            return
+        stopping = True
+        log.info("received {signal_name}, stopping bot {name}",
+                 signal_name=signal_name, name=config.name)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # the bot stopped on its own, and the reactor with it
 
     def start():
         def failed(failure):
             nonlocal exit_code
             if failure.check(asyncio.CancelledError, defer.CancelledError):
                 return  # stopped by a signal through bot.stop
+            if failure.check(SessionRejectedError):
+                # A configuration error, which the message explains without a traceback.
+                exit_code = _error(str(failure.value))
+                return
             exit_code = 1
             log.failure("bot {name} stopped on an error", failure, name=config.name)
 
@@ -213,9 +258,13 @@ def run(args):
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", bot.stop)
+    restore_signal_handlers = _handle_stop_signals(reactor, on_stop_signal)
     try:
-        reactor.run()
+        # Twisted's own handlers call reactor.stop on every signal, and the second call
+        # logs a ReactorNotRunning traceback.
+        reactor.run(installSignalHandlers=False)
     finally:
+        restore_signal_handlers()
         work_directory.close()
     return exit_code
 

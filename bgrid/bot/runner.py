@@ -1,10 +1,11 @@
 """Run an action's command under a supervisor process, with output to files and a timeout.
 
 Each command runs under ``bgrid/bot/supervise.py``, a small process that leads the
-command's process group and kills the whole group when the bot dies (see that file for
-why and how). The supervisor adds one Python start to each action: a median of 30 to
-35 ms, and 18 ms at best, more than starting the command directly, measured with
-CPython 3.11 on a 2-core VM under a load average of 3.5.
+command's process group and kills all of the action's processes, also those that left the
+group, when the action ends or the bot dies (see that file for why and how). The
+supervisor adds one Python start to each action: a median of 30 to 35 ms, and 18 ms at
+best, more than starting the command directly, measured with CPython 3.11 on a 2-core VM
+under a load average of 3.5.
 """
 
 import asyncio
@@ -37,12 +38,35 @@ class ProcessResult:
     duration: float
 
 
+# Seconds that a supervisor gets to kill the action's processes and exit after SIGTERM,
+# before the bot kills its process group itself. The supervisor gives up after
+# ``supervise.KILL_TIMEOUT`` (5 s) on its own, so this waits for a supervisor that hangs or
+# was stopped again.
+SUPERVISOR_STOP_TIMEOUT = 10.0
+
+
 def kill_process_group(process_group_id):
     """Send SIGKILL to every process of a group; a group that no longer exists is ignored."""
     try:
         os.killpg(process_group_id, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def stop_supervisor(process):
+    """Send SIGTERM to a running supervisor, so that it kills the action's processes and exits.
+
+    SIGKILL to its group would kill the supervisor first, and the action's processes that
+    left the group would survive. SIGCONT follows, because the command may have stopped
+    its whole group, supervisor included, and a stopped process does not act on SIGTERM.
+    """
+    if process.returncode is not None:
+        return
+    for signal_number in (signal.SIGTERM, signal.SIGCONT):
+        try:
+            os.kill(process.pid, signal_number)
+        except ProcessLookupError:
+            return
 
 
 def _encode_command(arguments, environment):
@@ -103,12 +127,14 @@ async def run_process(arguments, environment, working_directory, stdout_path, st
     finds it: a path with ``/`` is relative to ``working_directory``, a bare name is
     searched in the PATH of ``environment`` (``os.defpath`` without one).
 
-    The group is led by a supervisor (``bgrid/bot/supervise.py``), which kills the whole
-    group with SIGKILL when the command exits, and when the bot dies, even by SIGKILL.
+    The group is led by a supervisor (``bgrid/bot/supervise.py``), which kills every
+    process of the action with SIGKILL, also those that left the group, when the command
+    exits, when it gets SIGTERM, and when the bot dies, even by SIGKILL.
 
     ``timeout`` is in seconds on ``clock`` (an ``IReactorTime``, the global reactor by
-    default); when it passes, the whole process group gets SIGKILL. Cancelling the
-    coroutine kills the group, waits for the supervisor to exit, and re-raises
+    default). When it passes, and when the coroutine is cancelled, the supervisor gets
+    SIGTERM, and its group gets SIGKILL if it has not exited ``SUPERVISOR_STOP_TIMEOUT``
+    seconds later. Cancelling waits for the supervisor to exit and re-raises
     CancelledError.
 
     ``process_groups``, a ``bgrid.bot.processes.ProcessGroupRecords`` or None, records
@@ -169,14 +195,30 @@ async def _supervise(process, command, arguments, working_directory, timeout, cl
             )
 
     timer = None
+    stop_timer = None
     timed_out = False
+
+    def on_stop_timeout():
+        log.warn(
+            "process supervisor {pid} did not exit within {stop_timeout} s of SIGTERM. "
+            "Killing its process group, so processes of the action that left the group "
+            "may survive",
+            pid=process.pid, stop_timeout=SUPERVISOR_STOP_TIMEOUT,
+        )
+        kill_process_group(process.pid)
+
+    def stop():
+        nonlocal stop_timer
+        stop_supervisor(process)
+        if stop_timer is None:
+            stop_timer = clock.callLater(SUPERVISOR_STOP_TIMEOUT, on_stop_timeout)
 
     def on_timeout():
         nonlocal timed_out
         timed_out = True
-        log.info("command {program} timed out after {timeout} s; killing process group {pid}",
-                 program=arguments[0], timeout=timeout, pid=process.pid)
-        kill_process_group(process.pid)
+        log.info("command {program} timed out after {timeout} s, stopping its supervisor "
+                 "{pid}", program=arguments[0], timeout=timeout, pid=process.pid)
+        stop()
 
     try:
         await _send_command(process, command)
@@ -199,12 +241,13 @@ async def _supervise(process, command, arguments, working_directory, timeout, cl
         exit_report = await _read_report(process, ("exit",))
         return_code = await process.wait()
     except asyncio.CancelledError:
-        kill_process_group(process.pid)
+        stop()
         await asyncio.shield(process.wait())
         raise
     finally:
-        if timer is not None and timer.active():
-            timer.cancel()
+        for pending in (timer, stop_timer):
+            if pending is not None and pending.active():
+                pending.cancel()
         # The supervisor killed its group before it exited, unless it died first.
         # NOTE: Linux does not reuse the id of the reaped supervisor while its group has
         # members. Once the group is empty, an unrelated new session leader could get the

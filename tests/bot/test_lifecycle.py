@@ -14,10 +14,10 @@ from twisted.trial import unittest
 
 from bgrid.bot.processes import find_group_members
 from bgrid.digest import Digest
-from tests.bot.test_integration import GridProcessTestCase
+from tests.bot.test_integration import GridProcessTestCase, find_free_port
 from tests.bot.test_runner import process_is_gone, read_text
 from tests.client.fakes import wait_until
-from tests.util import async_test
+from tests.util import async_test, make_temp_dir
 
 # Seconds for an action to start on a bot, and for a bot to exit after a signal. The stop
 # itself takes a few seconds at most: a test only waits this long when it fails.
@@ -106,6 +106,53 @@ class BotStopTests(GridProcessTestCase):
             lambda: read_text(self.daemon_log).count("bot idle.") >= 2
             and read_text(self.daemon_log).count("is terminating") == 2
         )
+
+
+class SessionCreationTests(GridProcessTestCase):
+    @async_test
+    async def test_unknown_instance_stops_bot(self):
+        await self.start_daemon()
+        bot_log = os.path.join(self.directory, "bot.log")
+        bot = await self.start_process(
+            [sys.executable, "-m", "bgrid", "bot", "--server", self.address,
+             "--work-dir", os.path.join(self.directory, "bot"), "--concurrency", "2",
+             "--name", "lost", "--instance", "nope"],
+            bot_log,
+        )
+
+        exit_code = await asyncio.wait_for(bot.wait(), BOT_EXIT_TIMEOUT)
+
+        output = read_text(bot_log)
+        self.assertNotEqual(exit_code, 0, output)
+        self.assertIn("the server rejected the session of bot lost.", output)
+        self.assertIn("INVALID_ARGUMENT", output)
+        self.assertIn("unknown instance name 'nope'", output)
+        self.assertNotIn("retrying", output)
+        self.assertEqual(exit_code, 2, output)
+        self.assertNotIn("Traceback", output)
+
+    @async_test
+    async def test_bot_started_before_daemon_connects(self):
+        port = find_free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.directory = make_temp_dir(self)
+        bot_log = os.path.join(self.directory, "bot.log")
+        bot = await self.start_bot("early", os.path.join(self.directory, "bot"), bot_log,
+                                   concurrency=1)
+        await wait_until(
+            lambda: "call to the server failed: UNAVAILABLE" in read_text(bot_log),
+            timeout=ACTION_START_TIMEOUT,
+        )
+
+        await self.start_daemon(port=port)
+
+        await wait_until(lambda: "created session" in read_text(bot_log),
+                         timeout=ACTION_START_TIMEOUT)
+        self.assertIsNone(bot.returncode)
+        action_digest = await self.put_action(["/bin/sh", "-c", "echo ran"])
+        response = await self.final_response(self.execute(action_digest), bot_log)
+        self.assertEqual(response.status.code, code_pb2.OK, response.status.message)
+        self.assertEqual(response.result.execution_metadata.worker, "early")
 
 
 class SameNameTests(GridProcessTestCase):

@@ -21,6 +21,13 @@ from tests.util import async_test, make_temp_dir
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Runs the bot with Python's default SIGINT handler, as a process started from a terminal
+# has it, even when the tests run with SIGINT ignored, as in a background job.
+BOT_WITH_SIGINT_HANDLER = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('bgrid.bot.main', run_name='__main__')"
+)
+
 
 def parse(*argv):
     parser = argparse.ArgumentParser(prog="bgrid bot")
@@ -163,12 +170,17 @@ class RunCheckTests(unittest.TestCase):
 
 
 class BotProcessTests(unittest.TestCase):
-    async def start_bot(self, address, work_dir, *options):
-        """Start ``python -m bgrid.bot.main``; return the process, killed at cleanup."""
+    async def start_bot(self, address, work_dir, *options, handle_sigint=False):
+        """Start ``python -m bgrid.bot.main``; return the process, killed at cleanup.
+
+        With ``handle_sigint``, the bot starts with Python's default SIGINT handler, even
+        if this process ignores SIGINT.
+        """
         stderr_path = os.path.join(make_temp_dir(self), "bot.log")
+        start = ["-c", BOT_WITH_SIGINT_HANDLER] if handle_sigint else ["-m", "bgrid.bot.main"]
         with open(stderr_path, "wb") as stderr:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bgrid.bot.main", "--server", address,
+                sys.executable, *start, "--server", address,
                 "--work-dir", work_dir, *options,
                 stdin=asyncio.subprocess.DEVNULL, stderr=stderr,
                 env=dict(os.environ, PYTHONPATH=REPOSITORY_ROOT),
@@ -236,4 +248,46 @@ class BotProcessTests(unittest.TestCase):
             output = log.read()
         self.assertEqual(exit_code, 0, output)
         self.assertNotIn("Traceback", output)
+        self.assertIn("bot proc stopped", output)
+
+    @async_test
+    async def test_sigint_then_sigterm_stops_once(self):
+        # Ctrl-C on a foreground daemon with --local-bots: the bot gets SIGINT from the
+        # terminal, then SIGTERM from the daemon, while it is stopping.
+        bots = ScriptedBots()
+        address = await start_server(self, bots=bots)
+        work_dir = os.path.join(make_temp_dir(self), "work")
+        process, stderr_path = await self.start_bot(
+            address, work_dir, "--concurrency", "1", "--name", "proc", handle_sigint=True,
+        )
+        method, request, reply = await bots.next_call(timeout=30)
+        self.assertEqual(method, "CreateBotSession")
+        reply.set_result(bots_pb2.BotSession(name=f"s/{request.bot_session.bot_id}"))
+        method, _, _ = await bots.next_call(timeout=30)
+        self.assertEqual(method, "UpdateBotSession")
+
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+
+        # The bot stops once: its session reports BOT_TERMINATING a single time.
+        method, request, reply = await bots.next_call(timeout=30)
+        self.assertEqual(method, "UpdateBotSession")
+        self.assertEqual(request.bot_session.status, bots_pb2.BOT_TERMINATING)
+        reply.set_result(bots_pb2.BotSession(name=request.name))
+        exit_code = await asyncio.wait_for(process.wait(), 30)
+
+        with open(stderr_path) as log:
+            output = log.read()
+        self.assertEqual(exit_code, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("ReactorNotRunning", output)
+        # The bot may handle the two signals in either order.
+        stop_lines = [line for line in output.splitlines() if ", stopping bot proc" in line]
+        ignored_lines = [line for line in output.splitlines()
+                         if "while bot proc is stopping already, ignoring it" in line]
+        self.assertEqual(len(stop_lines), 1, output)
+        self.assertEqual(len(ignored_lines), 1, output)
+        received = {line.split("received ")[1].split()[0].rstrip(",")
+                    for line in stop_lines + ignored_lines}
+        self.assertEqual(received, {"SIGINT", "SIGTERM"})
         self.assertIn("bot proc stopped", output)

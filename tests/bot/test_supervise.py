@@ -59,8 +59,8 @@ class SupervisorTestCase(unittest.TestCase):
     def setUp(self):
         self.directory = make_temp_dir(self)
 
-    def start_supervisor(self, script):
-        """Start the supervisor of ``sh -c script`` as the runner does.
+    def start_supervisor(self, script, shell="/bin/sh"):
+        """Start the supervisor of ``shell -c script`` as the runner does.
 
         Returns the Popen and the write end of its lifeline. The command's group is killed
         at cleanup, whatever the test left.
@@ -77,7 +77,7 @@ class SupervisorTestCase(unittest.TestCase):
             )
         os.close(lifeline_read)
         self.addCleanup(self.kill_group, process)
-        process.stdin.write(encode_command(["/bin/sh", "-c", script], SHELL_ENVIRONMENT))
+        process.stdin.write(encode_command([shell, "-c", script], SHELL_ENVIRONMENT))
         process.stdin.close()
         return process, lifeline_write
 
