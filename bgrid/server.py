@@ -5,6 +5,8 @@ to daemonize between building the tree and starting it, and neither an LMDB envi
 nor gRPC's core may cross a fork.
 """
 
+import ctypes
+import ctypes.util
 import fcntl
 import gc
 import os
@@ -73,6 +75,11 @@ SERVICE_NAMES = (
 )
 
 
+# glibc's mallopt option for the maximum number of malloc arenas (malloc.h), and the
+# number bgrid sets (see limit_malloc_arenas).
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
 # Seconds the local bot gets to give its leases back after SIGTERM before it is killed.
 LOCAL_BOT_STOP_TIMEOUT = 10.0
 
@@ -136,6 +143,8 @@ class BgridService(service.MultiService):
 
     def startService(self):
         service.Service.startService(self)
+        # Before the storage and gRPC threads exist, so that none gets an arena of its own.
+        limit_malloc_arenas()
         starting = defer.Deferred.fromCoroutine(self._start())
         starting.addCallbacks(self._serving, self._start_failed)
 
@@ -330,6 +339,25 @@ class BgridService(service.MultiService):
         if self.data_dir_lock is not None:
             self.data_dir_lock.close()
         self.log.info("bgrid stopped")
+
+
+def limit_malloc_arenas():
+    """Make glibc's malloc share MALLOC_ARENAS arenas among all threads.
+
+    By default each thread that allocates while another holds an arena gets its own, up
+    to eight per core, and each arena keeps the memory freed into it. Upload buffers are
+    allocated on gRPC's and the storage threads and freed on others, so with 20 concurrent
+    64 MiB ByteStream uploads (``python -m bench --scenario bs-write``, 2-core VM) the
+    daemon peaked at 303 to 314 MiB of resident memory, and at 271 MiB with two arenas,
+    for the same CPU per upload. Does nothing where the C library lacks ``mallopt`` or
+    where ``MALLOC_ARENA_MAX`` is set in the environment, which takes precedence.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    library = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(library), "mallopt", None) if library else None
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def freeze_startup_objects():
