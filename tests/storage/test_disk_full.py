@@ -1,6 +1,9 @@
-"""Tests of a full disk under a real ``LmdbBlobStore``: a child process whose data file
-cannot grow past a file size limit writes blobs, and the tests check that the store
-evicts, rejects with RESOURCE_EXHAUSTED only what cannot fit, and corrupts nothing."""
+"""Tests of a full disk under a real ``LmdbBlobStore``.
+
+A child process whose data file cannot grow past a file size limit writes blobs. The
+tests check that the store evicts, rejects with RESOURCE_EXHAUSTED only what cannot fit,
+and corrupts nothing.
+"""
 
 import json
 import os
