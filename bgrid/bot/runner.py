@@ -38,7 +38,7 @@ class ProcessResult:
     duration: float
 
 
-# Seconds that a supervisor gets to kill the action's processes and exit after SIGTERM,
+# Seconds that a supervisor gets to kill the action's processes and exit after the request,
 # before the bot kills its process group itself. The supervisor gives up after
 # ``supervise.KILL_TIMEOUT`` (5 s) on its own, so this waits for a supervisor that hangs or
 # was stopped again.
@@ -53,20 +53,21 @@ def kill_process_group(process_group_id):
         pass
 
 
-def stop_supervisor(process):
-    """Send SIGTERM to a running supervisor, so that it kills the action's processes and exits.
+def stop_supervisor(process, lifeline_write):
+    """Ask a running supervisor, through its lifeline, to kill the action's processes and exit.
 
     SIGKILL to its group would kill the supervisor first, and the action's processes that
-    left the group would survive. SIGCONT follows, because the command may have stopped
-    its whole group, supervisor included, and a stopped process does not act on SIGTERM.
+    left the group would survive. A signal would not do either, because the command can
+    send the same one to its group. SIGCONT follows, because the command may have stopped
+    its whole group, supervisor included, and a stopped process does not read its lifeline.
     """
     if process.returncode is not None:
         return
-    for signal_number in (signal.SIGTERM, signal.SIGCONT):
-        try:
-            os.kill(process.pid, signal_number)
-        except ProcessLookupError:
-            return
+    try:
+        os.write(lifeline_write, b"x")
+        os.kill(process.pid, signal.SIGCONT)
+    except (BrokenPipeError, ProcessLookupError):
+        pass  # the supervisor has exited
 
 
 def _encode_command(arguments, environment):
@@ -129,11 +130,12 @@ async def run_process(arguments, environment, working_directory, stdout_path, st
 
     The group is led by a supervisor (``bgrid/bot/supervise.py``), which kills every
     process of the action with SIGKILL, also those that left the group, when the command
-    exits, when it gets SIGTERM, and when the bot dies, even by SIGKILL.
+    exits, when the bot asks it to through its lifeline pipe, and when the bot dies, even
+    by SIGKILL.
 
     ``timeout`` is in seconds on ``clock`` (an ``IReactorTime``, the global reactor by
-    default). When it passes, and when the coroutine is cancelled, the supervisor gets
-    SIGTERM, and its group gets SIGKILL if it has not exited ``SUPERVISOR_STOP_TIMEOUT``
+    default). When it passes, and when the coroutine is cancelled, the supervisor is asked
+    to stop, and its group gets SIGKILL if it has not exited ``SUPERVISOR_STOP_TIMEOUT``
     seconds later. Cancelling waits for the supervisor to exit and re-raises
     CancelledError.
 
@@ -172,8 +174,8 @@ async def run_process(arguments, environment, working_directory, stdout_path, st
                 ) from None
         os.close(lifeline_read)
         lifeline_read = None
-        return await _supervise(process, command, arguments, working_directory, timeout,
-                                clock, process_groups)
+        return await _supervise(process, lifeline_write, command, arguments,
+                                working_directory, timeout, clock, process_groups)
     finally:
         if lifeline_read is not None:
             os.close(lifeline_read)
@@ -181,8 +183,8 @@ async def run_process(arguments, environment, working_directory, stdout_path, st
         os.close(lifeline_write)
 
 
-async def _supervise(process, command, arguments, working_directory, timeout, clock,
-                     process_groups):
+async def _supervise(process, lifeline_write, command, arguments, working_directory, timeout,
+                     clock, process_groups):
     """Run the command through a started supervisor; return its ``ProcessResult``."""
     if process_groups is not None:
         try:
@@ -200,7 +202,8 @@ async def _supervise(process, command, arguments, working_directory, timeout, cl
 
     def on_stop_timeout():
         log.warn(
-            "process supervisor {pid} did not exit within {stop_timeout} s of SIGTERM. "
+            "process supervisor {pid} did not exit within {stop_timeout} s of the request to "
+            "stop. "
             "Killing its process group, so processes of the action that left the group "
             "may survive",
             pid=process.pid, stop_timeout=SUPERVISOR_STOP_TIMEOUT,
@@ -209,7 +212,7 @@ async def _supervise(process, command, arguments, working_directory, timeout, cl
 
     def stop():
         nonlocal stop_timer
-        stop_supervisor(process)
+        stop_supervisor(process, lifeline_write)
         if stop_timer is None:
             stop_timer = clock.callLater(SUPERVISOR_STOP_TIMEOUT, on_stop_timeout)
 
@@ -239,6 +242,10 @@ async def _supervise(process, command, arguments, working_directory, timeout, cl
         if timeout:
             timer = clock.callLater(timeout, on_timeout)
         exit_report = await _read_report(process, ("exit",))
+        # The command has ended, so a timeout while the supervisor cleans up is not its own.
+        duration = clock.seconds() - start_time
+        if exit_report and timer is not None and timer.active():
+            timer.cancel()
         return_code = await process.wait()
     except asyncio.CancelledError:
         stop()
@@ -256,7 +263,6 @@ async def _supervise(process, command, arguments, working_directory, timeout, cl
         if process_groups is not None:
             process_groups.remove(process.pid)
 
-    duration = clock.seconds() - start_time
     if exit_report:
         # The supervisor kills itself after this line, so its own exit status is SIGKILL.
         return_code = int(exit_report[1])

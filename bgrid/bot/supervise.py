@@ -11,13 +11,13 @@ instead of to init, also one that left the group with ``setsid`` or ``setpgid``,
 ``set -m`` in a shell does for background jobs. So the action's processes are exactly
 the supervisor's descendants, and the supervisor reaps each one that exits.
 
-The bot has the only write end of the lifeline pipe, whose read end is LIFELINE_FD, and
-never writes to it. The action ends, and the supervisor kills all of its processes, when:
+The bot has the only write end of the lifeline pipe, whose read end is LIFELINE_FD. The
+action ends, and the supervisor kills all of its processes, when:
 
 * the lifeline reaches end of file, because the bot died or closed it;
-* it gets SIGTERM, which the bot sends when the action times out or is cancelled. It also
-  asks Linux for SIGTERM when its parent thread dies (``PR_SET_PDEATHSIG``), in case the
-  lifeline is held open by mistake;
+* the bot writes a byte to the lifeline, which it does when the action times out or is
+  cancelled. The supervisor also asks Linux for SIGUSR1 when its parent thread dies
+  (``PR_SET_PDEATHSIG``), in case the lifeline is held open by mistake;
 * the command exits. This kills what the command left running. The supervisor lives
   until that moment, so a bot that dies at any time before still makes it kill them.
 
@@ -249,8 +249,8 @@ def end_action():
 
     Does not return: SIGKILL ends the supervisor.
     """
-    # A SIGTERM that arrives now would only start this again.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A parent death signal that arrives now would only start this again.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     kill_descendants()
     # This also kills members of the group that are no descendants any more, which exist
     # only when the supervisor could not become a subreaper.
@@ -342,7 +342,9 @@ def wait_for_command(pid, lifeline_fd):
     """
     while True:
         readable, _, _ = select.select([lifeline_fd, wakeup_fd], [], [])
-        if lifeline_fd in readable and not os.read(lifeline_fd, 4096):
+        if lifeline_fd in readable:
+            # A byte is the bot's request to stop, and end of file its death.
+            os.read(lifeline_fd, 4096)
             end_action()
         if wakeup_fd in readable:
             # Drained only: SIGCHLD is the signal that matters here.
@@ -364,8 +366,13 @@ def main(argv):
     signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signal_number, frame: None)
 
-    signal.signal(signal.SIGTERM, on_terminate)
-    set_parent_death_signal(signal.SIGTERM)
+    # The command shares the supervisor's process group, so its SIGTERM to the group, as
+    # in the shell idiom ``trap 'kill 0' EXIT``, reaches the supervisor too. The bot stops
+    # the supervisor through the lifeline instead, so SIGTERM is ignored here. A handler,
+    # unlike SIG_IGN, is not inherited by the command.
+    signal.signal(signal.SIGTERM, lambda signal_number, frame: None)
+    signal.signal(signal.SIGUSR1, on_terminate)
+    set_parent_death_signal(signal.SIGUSR1)
     become_subreaper()
     # The command must not inherit these: a copy of the lifeline in the command would
     # keep it open after the bot died.

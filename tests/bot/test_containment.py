@@ -277,7 +277,7 @@ class LifelineTests(ContainmentTestCase, SupervisorTestCase):
             self.assert_none_left(argument, case)
 
     @async_test
-    async def test_sigterm_kills_escaped_processes(self):
+    async def test_stop_request_kills_escaped_processes(self):
         for case, template in ESCAPE_SCRIPTS.items():
             script, argument, _ = self.prepare(template)
             process, lifeline = self.start_supervisor(script, shell=BASH)
@@ -285,7 +285,7 @@ class LifelineTests(ContainmentTestCase, SupervisorTestCase):
             self.assertEqual(process.stdout.readline().split()[0], b"started", case)
             sleep = await self.wait_for_escaped_sleep(argument)
 
-            process.send_signal(signal.SIGTERM)
+            os.write(lifeline, b"x")
 
             await wait_until(lambda: process.poll() is not None, timeout=KILL_TIMEOUT)
             self.assertEqual(process.returncode, -signal.SIGKILL, case)

@@ -11,6 +11,7 @@ from bgrid._protos.build.bazel.remote.execution.v2 import (
     remote_execution_pb2 as re_pb2,
     remote_execution_pb2_grpc,
 )
+from bgrid.bot import runner
 from bgrid.bot.runner import run_process
 from bgrid.errors import InvalidArgumentError
 from tests.client.fakes import FakeCas, open_test_channel, start_server, wait_until
@@ -233,6 +234,27 @@ class TimeoutTests(RunProcessTestCase):
         result = await self.run_shell("exit 0", timeout=60, clock=clock)
         self.assertFalse(result.timed_out)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    @async_test
+    async def test_timeout_during_cleanup_ignored(self):
+        """The timeout passes after the command's exit was reported, while the supervisor
+        still cleans up: the command finished in time."""
+        clock = task.Clock()
+        read_report = runner._read_report
+
+        async def read_report_then_time_out(process, expected):
+            words = await read_report(process, expected)
+            if words and words[0] == "exit":
+                asyncio.get_running_loop().call_soon(clock.advance, 60)
+            return words
+
+        self.patch(runner, "_read_report", read_report_then_time_out)
+
+        result = await self.run_shell("exit 3", timeout=5, clock=clock)
+
+        self.assertFalse(result.timed_out)
+        self.assertEqual(result.exit_code, 3)
+        self.assertEqual(result.duration, 0)
 
     @async_test
     async def test_leftover_background_process_killed(self):

@@ -1,6 +1,6 @@
 """Tests of the supervisor (bgrid/bot/supervise.py) as the bot runs it, with real processes:
-it kills its whole process group when its lifeline closes, when it gets SIGTERM and when the
-command exits."""
+it kills its whole process group when its lifeline closes, when the bot writes to it and when
+the command exits."""
 
 import os
 import signal
@@ -119,15 +119,27 @@ class SupervisorTests(SupervisorTestCase):
         self.assertEqual(process.wait(), -signal.SIGKILL)
 
     @async_test
-    async def test_sigterm_kills_group(self):
+    async def test_stop_request_kills_group(self):
         process, lifeline, members = await self.start_sleepers()
         self.addCleanup(os.close, lifeline)
 
-        process.send_signal(signal.SIGTERM)
+        # What the bot does when the action times out or is cancelled.
+        os.write(lifeline, b"x")
 
         await wait_until(
             lambda: all(process_is_gone(pid) for pid in members), timeout=KILL_TIMEOUT
         )
+        self.assertEqual(process.wait(), -signal.SIGKILL)
+
+    @async_test
+    async def test_sigterm_from_command_reports_exit(self):
+        # The command sends SIGTERM to its whole group, supervisor included, ignores it
+        # itself, and exits with its own status.
+        process, lifeline = self.start_supervisor("trap '' TERM; kill 0; exit 5")
+        self.addCleanup(os.close, lifeline)
+
+        self.assertEqual(process.stdout.readline().split()[0], b"started")
+        self.assertEqual(process.stdout.readline(), b"exit 5\n")
         self.assertEqual(process.wait(), -signal.SIGKILL)
 
     @async_test
