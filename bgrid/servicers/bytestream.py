@@ -282,6 +282,8 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
                         f"after {end} bytes, but the blob size is {digest.size_bytes} bytes"
                     )
                 await self._call_writer(upload, upload.writer.commit)
+                # NOTE: the response goes out without waiting for the client to half-close,
+                # so a request sent after finish_write is dropped, not rejected.
                 return True
 
             request = await anext(requests, None)
