@@ -46,10 +46,10 @@ from bgrid.storage.factory import build_storage
 # of its blobs: headers, and ByteStream chunks.
 MESSAGE_SIZE_MARGIN = 2**20
 
-# The gRPC message limit leaves room for one batch entry (digest, status, framing; at most
-# about 90 bytes) per this many bytes of blob data, so that a batch of blobs of this size
-# or larger fits whole. A batch of smaller blobs may exceed the limit, and gRPC rejects it
-# with RESOURCE_EXHAUSTED before bgrid sees it.
+# The gRPC message limit leaves room for one batch entry per this many bytes of blob data.
+# An entry (digest, status and framing) takes at most about 90 bytes, so a full batch of
+# blobs of this size or larger fits whole. A batch of smaller blobs may exceed the limit,
+# and gRPC then rejects it with RESOURCE_EXHAUSTED before bgrid sees it.
 SMALLEST_FITTING_BLOB = 32
 BATCH_ENTRY_OVERHEAD = 96
 
@@ -344,8 +344,8 @@ class BgridService(service.MultiService):
 def limit_malloc_arenas():
     """Make glibc's malloc share MALLOC_ARENAS arenas among all threads.
 
-    By default each thread that allocates while another holds an arena gets its own, up
-    to eight per core, and each arena keeps the memory freed into it. Upload buffers are
+    By default a thread that allocates while other threads have locked every arena gets
+    a new one, up to eight per core, and each arena keeps the memory freed into it. Upload buffers are
     allocated on gRPC's and the storage threads and freed on others, so with 20 concurrent
     64 MiB ByteStream uploads (``python -m bench --scenario bs-write``, 2-core VM) the
     daemon peaked at 303 to 314 MiB of resident memory, and at 271 MiB with two arenas,

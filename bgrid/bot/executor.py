@@ -83,7 +83,7 @@ class ActionExecutor:
         Uploads of the outputs that fail transiently, as while the server restarts, are
         retried for up to ``result_retry_seconds`` after the first failure. After that, the
         status is the upload's error, such as UNAVAILABLE. Cancelling the coroutine kills
-        the command's process group and raises CancelledError.
+        every process of the command and raises CancelledError.
         """
         metadata = re_pb2.ExecutedActionMetadata(
             worker=self._bot_name, worker_start_timestamp=self._now()

@@ -184,10 +184,11 @@ def _error(message):
 def run(args):
     """Run the bot until SIGINT or SIGTERM; return the process exit code.
 
-    On a signal the bot stops taking leases, kills the process groups of running actions,
+    On a signal the bot stops taking leases, kills the processes of running actions,
     and reports status BOT_TERMINATING to the server with the leases it returns, within a
     few seconds. Returns 2 after printing one message when the work directory cannot be
-    used, 1 when the bot stops on an unexpected error, and 0 after a signal.
+    used or the server rejects a session for good, 1 when the bot stops on an unexpected
+    error, and 0 after a signal.
     """
     config = BotConfig(
         server=args.server,

@@ -130,7 +130,7 @@ async def run_process(arguments, environment, working_directory, stdout_path, st
 
     The group is led by a supervisor (``bgrid/bot/supervise.py``), which kills every
     process of the action with SIGKILL, also those that left the group, when the command
-    exits, when the bot asks it to through its lifeline pipe, and when the bot dies, even
+    exits, when the bot requests it through its lifeline pipe, and when the bot dies, even
     by SIGKILL.
 
     ``timeout`` is in seconds on ``clock`` (an ``IReactorTime``, the global reactor by

@@ -16,8 +16,8 @@ action ends, and the supervisor kills all of its processes, when:
 
 * the lifeline reaches end of file, because the bot died or closed it;
 * the bot writes a byte to the lifeline, which it does when the action times out or is
-  cancelled. The supervisor also asks Linux for SIGUSR1 when its parent thread dies
-  (``PR_SET_PDEATHSIG``), in case the lifeline is held open by mistake;
+  cancelled. The supervisor also makes Linux send it SIGUSR1 when its parent thread
+  dies (``PR_SET_PDEATHSIG``), in case the lifeline is held open by mistake;
 * the command exits. This kills what the command left running. The supervisor lives
   until that moment, so a bot that dies at any time before still makes it kill them.
 

@@ -195,7 +195,7 @@ class LmdbEnvironment:
             for name in self._database_names:
                 self._databases[name] = self._env.open_db(name)
             self._environment_db = self._env.open_db(ENVIRONMENT_DATABASE)
-            # The main database holds one record per named database.
+            # The main database contains one record per named database.
             main_db = self._env.open_db(None)
         except lmdb.Error:
             self._env.close()
@@ -287,7 +287,7 @@ class LmdbEnvironment:
         write transaction of its own. It should delete about ``target_bytes`` of data, or
         all it can when that is less, and stop early once ``is_enough()`` returns true,
         calling it every few deletions. ``is_enough`` is None when only the bytes count.
-        ``reason`` says why space is needed, for the reclaimer's log message. It returns
+        ``reason`` is why space is needed, for the reclaimer's log message. It returns
         ``(freed_bytes, on_commit)``: the bytes of data it deleted and a callable (or
         None) that runs on the reactor thread once the transaction is committed.
         Returning 0 bytes means nothing more can be freed.
@@ -607,9 +607,10 @@ class LmdbEnvironment:
         """Evict down to the low mark when the last commit left the map's needed pages
         above the high-water mark.
 
-        When eviction cannot go below the low mark (the remaining blobs are pinned or
-        open), it runs again only once the needed pages have grown by the distance
-        between the marks, so a map full of pinned blobs is not walked after every write.
+        Eviction may fail to go below the low mark, because the remaining blobs are
+        pinned or open. It then runs again only once the needed pages have grown by the
+        distance between the marks, so a map full of pinned blobs is not walked after
+        every write.
         """
         marks = self._marks
         usage = self._page_usage

@@ -2,9 +2,9 @@
 map fills, and the write errors that mean the disk holding the data is full.
 
 LMDB never overwrites a page that the last committed transaction uses. A write transaction
-copies every branch and leaf page that it changes (copy-on-write), and the pages that a
-commit frees become reusable only after the next commit (``mdb_page_alloc`` in mdb.c of
-LMDB 0.9.x takes free pages of transactions older than the oldest snapshot still in use).
+copies every branch and leaf page that it changes (copy-on-write). The pages that a commit
+frees become reusable only after the next commit, because ``mdb_page_alloc`` in mdb.c of
+LMDB 0.9.x takes free pages of transactions older than the oldest snapshot still in use.
 A group of writes with random keys, such as a batch of blob index records or the
 eviction of blobs that deletes them, can copy every branch and leaf page of a database.
 So after a commit, the map needs room for two such copies: the pages the last commit
@@ -28,9 +28,9 @@ RESERVE_FRACTION = 0.10
 MIN_RESERVE_BYTES = 4 << 20
 
 # How far below the high-water mark an eviction goes, so that it runs once per this many
-# bytes written rather than after every write: the larger of EVICTION_FRACTION of the
-# maximum map size and MIN_EVICTION_BYTES, but at most an eighth of the map and at most
-# MAX_EVICTION_BYTES, which bounds the pages that one eviction transaction deletes.
+# bytes written rather than after every write. It is the larger of EVICTION_FRACTION of
+# the maximum map size and MIN_EVICTION_BYTES, but at most an eighth of the map and at
+# most MAX_EVICTION_BYTES, which bounds the pages that one eviction transaction deletes.
 EVICTION_FRACTION = 0.05
 MIN_EVICTION_BYTES = 1 << 20
 MAX_EVICTION_BYTES = 64 << 20
@@ -64,7 +64,7 @@ class PageUsage(NamedTuple):
 
 def count_pages(txn, databases):
     """Return the ``PageUsage`` of ``databases`` (handles, including the main database)
-    as ``txn`` sees them. Costs one ``mdb_stat`` per database."""
+    as of ``txn``. Costs one ``mdb_stat`` per database."""
     used_pages = 0
     tree_pages = 0
     for database in databases:

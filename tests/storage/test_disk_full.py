@@ -9,9 +9,11 @@ import json
 import os
 import sys
 
-from twisted.internet import utils
+from twisted.internet import task, utils
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
+from bgrid.storage import space
 from tests.storage import disk_full_writer
 from tests.util import make_temp_dir
 
@@ -72,3 +74,46 @@ class DiskFullTests(unittest.TestCase):
             message for message in report["log"] if "failed with RESOURCE_EXHAUSTED" in message
         ]
         self.assertEqual(sum(int(message.split()[0]) for message in failed), len(errors))
+
+
+class DiskFullLogTests(unittest.TestCase):
+    """The log of writes that failed on a full disk: one message at once, then at most
+    one per interval, counting the failures in between."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.messages = []
+        self.log = space.DiskFullLog(Logger(observer=self.record), self.clock)
+
+    def record(self, event):
+        self.messages.append(formatEvent(event))
+
+    def test_first_failure_logged_at_once(self):
+        self.log.failed(2, "mdb_txn_commit: Input/output error", "the disk is full")
+
+        self.assertEqual(len(self.messages), 1)
+        self.assertTrue(self.messages[0].startswith("2 LMDB writes failed"))
+        self.assertIn("the disk is full", self.messages[0])
+
+    def test_later_failures_summarized_after_interval(self):
+        self.log.failed(1, "error", "the disk is full")
+        self.clock.advance(1)
+        self.log.failed(3, "error", "the disk is full")
+        self.log.failed(4, "error", "the disk is full")
+
+        self.assertEqual(len(self.messages), 1)
+        self.clock.advance(space.DISK_FULL_LOG_INTERVAL - 1)
+        self.assertEqual(len(self.messages), 2)
+        self.assertTrue(self.messages[1].startswith("7 LMDB writes failed"))
+        self.clock.advance(space.DISK_FULL_LOG_INTERVAL)
+        self.assertEqual(len(self.messages), 2)
+
+    def test_flush_writes_pending_count(self):
+        self.log.failed(1, "error", "the disk is full")
+        self.log.failed(5, "error", "the disk is full")
+
+        self.log.flush()
+
+        self.assertEqual(len(self.messages), 2)
+        self.assertTrue(self.messages[1].startswith("5 LMDB writes failed"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
