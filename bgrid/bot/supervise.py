@@ -338,7 +338,7 @@ def wait_for_command(pid, lifeline_fd):
     """Wait until the command exits and return its exit code, as ``Popen.returncode`` has it.
 
     Reaps the orphans reparented to the supervisor that exit meanwhile. Ends the action
-    when the lifeline reaches end of file.
+    when the bot writes to the lifeline or the lifeline reaches end of file.
     """
     while True:
         readable, _, _ = select.select([lifeline_fd, wakeup_fd], [], [])
