@@ -159,6 +159,7 @@ class LmdbEnvironment:
         # Written and read on the writer thread only.
         self._counted_databases = ()
         self._marks = None
+        self._max_batch_bytes = MAX_BATCH_BYTES
         self._page_usage = None
         self._high_water_retry_pages = 0
         self._disk_full_log = None
@@ -209,6 +210,7 @@ class LmdbEnvironment:
             main_db,
         )
         self._marks = space.MapMarks.for_map(self.max_map_size, self._env.stat()["psize"])
+        self._max_batch_bytes = min(MAX_BATCH_BYTES, self._marks.max_batch_bytes)
         self._page_usage = None
         self._high_water_retry_pages = 0
         self._disk_full_log = space.DiskFullLog(self.log, self._reactor)
@@ -470,7 +472,8 @@ class LmdbEnvironment:
     def _take_batch(self):
         """Wait for queued writes and return the ``_QueuedWrite`` entries of the next
         group: whole entries, up to MAX_BATCH_OPERATIONS operations and MAX_BATCH_BYTES
-        bytes unless the first entry alone has more.
+        bytes, or fewer in a small map (``space.MapMarks.max_batch_bytes``), unless the
+        first entry alone has more.
 
         Returns an empty list once the environment is stopping and the queue is empty,
         after which nothing more is queued.
@@ -485,7 +488,7 @@ class LmdbEnvironment:
                 not batch
                 or (
                     operation_count + len(self._queue[0].operations) <= MAX_BATCH_OPERATIONS
-                    and size + self._queue[0].size <= MAX_BATCH_BYTES
+                    and size + self._queue[0].size <= self._max_batch_bytes
                 )
             ):
                 queued = self._queue.popleft()
@@ -685,6 +688,7 @@ class LmdbEnvironment:
         except lmdb.Error as error:
             self.max_map_size = old_size
             self._marks = space.MapMarks.for_map(old_size, self._marks.page_size)
+            self._max_batch_bytes = min(MAX_BATCH_BYTES, self._marks.max_batch_bytes)
             self._reactor.callFromThread(
                 self.log.error,
                 "growing the LMDB map at {path} from {old_size} to {new_size} bytes "

@@ -100,6 +100,13 @@ class MapMarks(NamedTuple):
         low_pages = max(high_pages - gap // page_size, 0)
         return cls(page_size, max_pages, high_pages, low_pages)
 
+    @property
+    def max_batch_bytes(self):
+        """The most data bytes that one group transaction may write: half the room above
+        the high-water mark, so that a group committed just below the mark leaves room for
+        the eviction that follows it."""
+        return (self.max_pages - self.high_pages) * self.page_size // 2
+
 
 def disk_full_cause(error, path):
     """Return why the LMDB write error ``error`` means that the disk holding the

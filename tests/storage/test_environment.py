@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from bgrid.errors import ResourceExhaustedError, UnavailableError
+from bgrid.storage import space
 from bgrid.storage.environment import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPERATIONS,
@@ -242,6 +243,25 @@ class LmdbEnvironmentTests(unittest.TestCase):
             await writing
 
     async def test_group_bytes_limited(self):
+        # In a map this large, MAX_BATCH_BYTES is the smaller limit.
+        self.environment = LmdbEnvironment(
+            self.path, [DATABASE], map_size=64 << 20, max_map_size=1 << 30
+        )
+
+        await self.assert_groups_split_at(MAX_BATCH_BYTES)
+
+    async def test_small_map_limits_group_bytes(self):
+        # A group must leave room above the high-water mark for the eviction after it.
+        self.environment = LmdbEnvironment(
+            self.path, [DATABASE], map_size=12 << 20, max_map_size=12 << 20
+        )
+        limit = space.MapMarks.for_map(12 << 20, 4096).max_batch_bytes
+        self.assertLess(limit, MAX_BATCH_BYTES)
+
+        await self.assert_groups_split_at(limit)
+
+    async def assert_groups_split_at(self, limit):
+        """Check that writes queued together commit in groups of at most ``limit`` bytes."""
         self.start()
         entered = threading.Event()
         release = threading.Event()
@@ -260,7 +280,7 @@ class LmdbEnvironmentTests(unittest.TestCase):
         blocking = self.environment.write(block_writer)
         self.assertTrue(entered.wait(10))
         # Queued while the writer is busy, so only the byte limit splits them.
-        half = MAX_BATCH_BYTES // 2
+        half = limit // 2
         writes = [
             self.environment.write(put_returning_transaction_id(b"big-%d" % number), half + 1)
             for number in range(3)
